@@ -1,0 +1,155 @@
+"""The Hugging Face `transformers` peer for serve_bench: the same GGUF weights under `generate`.
+
+Owns the benchmark prompt (cut with the GGUF's own tokenizer, so both sides see the same text) and
+the HF timing loop. Never talks to a Loom server: serve_bench calls `run_hf` only after the server
+has stopped, because on a small machine the two would fight over the same cores.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import is_accelerate_available
+
+# Deterministic filler: plain prose, so the prompt tokenizes the same way on every run.
+_PARAGRAPH = (
+    "The river town wakes before dawn. Bakers light their ovens and the smell of warm bread "
+    "drifts over the water. Fishermen check their nets while gulls circle above the harbour. "
+    "By noon the market square is full of voices, carts, spices and bright striped awnings. "
+    "In the evening lanterns glow along the quay and the boats rock gently at their moorings. "
+)
+_WORDS_PER_TOKEN = 0.75  # only used when no tokenizer is at hand (a remote --url server)
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class HFSettings:
+    model_path: str  # a .gguf file; transformers dequantizes it to a dense model
+    dtype_name: str  # a torch dtype name: "bfloat16", "float32", ...
+    num_threads: int
+    batch_sizes: tuple[int, ...]
+    max_new_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class HFResult:
+    batch_size: int
+    prompt_tokens: int  # per sequence, chat template included
+    completion_tokens: int  # summed over the batch
+    wall_s: float
+    tokens_per_s: float
+
+
+def split_gguf_path(model_path: str) -> tuple[str, str]:
+    """`from_pretrained(dir, gguf_file=name)` wants the folder and the file name apart."""
+    path = Path(model_path)
+    return str(path.parent), path.name
+
+
+def load_tokenizer(model_path: str) -> Any:
+    folder, name = split_gguf_path(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # Left padding keeps every row's last prompt token adjacent to its first generated one.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_prompt(num_tokens: int, tokenizer: Any | None) -> str:
+    """User-message text of about `num_tokens` tokens (before the chat template adds its own)."""
+    repeats = num_tokens // 10 + 1  # a paragraph is well over 10 tokens, so this always suffices
+    text = _PARAGRAPH * repeats
+    if tokenizer is None:
+        words = text.split()[: max(1, round(num_tokens * _WORDS_PER_TOKEN))]
+        return " ".join(words)
+    ids = tokenizer.encode(text, add_special_tokens=False)[:num_tokens]
+    return str(tokenizer.decode(ids)).strip()
+
+
+def load_model(model_path: str, dtype: torch.dtype) -> Any:
+    """Dequantize the GGUF into a plain HF model; fall back to a manual load without `accelerate`.
+
+    `from_pretrained(gguf_file=...)` refuses to run unless `accelerate` is installed, and the
+    project does not depend on it; the fallback does the same dequantization by hand.
+    """
+    folder, name = split_gguf_path(model_path)
+    if is_accelerate_available():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    else:
+        model = _load_model_without_accelerate(folder, name, dtype)
+    return model.eval()
+
+
+def _load_model_without_accelerate(folder: str, name: str, dtype: torch.dtype) -> Any:
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    parsed = load_gguf_checkpoint(
+        os.path.join(folder, name), return_tensors=True, model_to_load=model, torch_dtype=dtype
+    )
+    result = model.load_state_dict(parsed["tensors"], strict=False)
+    model.tie_weights()
+    # A tied lm_head is legitimately absent from the GGUF; anything else missing is a broken load.
+    missing = [key for key in result.missing_keys if key != "lm_head.weight"]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"GGUF load mismatch: missing={missing} unexpected={result.unexpected_keys}")
+    return model
+
+
+def chat_inputs(tokenizer: Any, prompt: str, batch_size: int) -> dict[str, torch.Tensor]:
+    messages = [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # The template already wrote the special tokens; adding them again would shift the prompt.
+    return dict(tokenizer([text] * batch_size, return_tensors="pt", padding=True, add_special_tokens=False))
+
+
+def time_generate(
+    model: Any, inputs: dict[str, torch.Tensor], max_new_tokens: int, pad_token_id: int
+) -> tuple[float, int]:
+    """Wall seconds and generated tokens (summed over the batch) for one greedy `generate`."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output_ids = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,  # the peer of Loom's ignore_eos
+            do_sample=False,
+            pad_token_id=pad_token_id,
+        )  # [batch, prompt_len + new_len]
+    wall_s = time.perf_counter() - start
+    num_new = (output_ids.shape[1] - inputs["input_ids"].shape[1]) * output_ids.shape[0]
+    return wall_s, int(num_new)
+
+
+def run_hf(settings: HFSettings, tokenizer: Any, prompt: str, log: Log = print) -> list[HFResult]:
+    torch.set_num_threads(settings.num_threads)
+    log(f"hf: loading {settings.model_path} ({settings.dtype_name}, {settings.num_threads} threads)")
+    model = load_model(settings.model_path, getattr(torch, settings.dtype_name))
+    pad_token_id = int(tokenizer.pad_token_id)
+    log("hf: warm-up (batch 1, 8 tokens)")
+    time_generate(model, chat_inputs(tokenizer, prompt, 1), 8, pad_token_id)
+    results = []
+    for batch_size in settings.batch_sizes:
+        log(f"hf: batch {batch_size} x {settings.max_new_tokens} tokens ...")
+        inputs = chat_inputs(tokenizer, prompt, batch_size)
+        wall_s, num_new = time_generate(model, inputs, settings.max_new_tokens, pad_token_id)
+        result = HFResult(
+            batch_size=batch_size,
+            prompt_tokens=int(inputs["input_ids"].shape[1]),
+            completion_tokens=num_new,
+            wall_s=wall_s,
+            tokens_per_s=num_new / wall_s,
+        )
+        log(f"hf: batch {batch_size}: {result.tokens_per_s:.1f} tok/s in {wall_s:.2f}s")
+        results.append(result)
+    return results

@@ -1,0 +1,126 @@
+"""`create_app(config, engine)`: the FastAPI application. No module-level app.
+
+Owns routes and their path aliases, the request id header, SSE streaming with disconnect -> abort,
+and readiness. Never samples or touches SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from loom.api.convert import to_chat_request
+from loom.api.errors import APIError, BadRequestError, model_not_found, install_error_handlers
+from loom.api.protocol import ChatCompletionRequest
+from loom.api.protocol_response import ModelCard, ModelList
+from loom.api.render import ChunkWriter, completion_response
+from loom.engine import AsyncEngine
+from loom.serving.chat import ChatService
+from loom.serving.types import InvalidRequest
+
+T = TypeVar("T")
+CHAT_PATHS = ("/v1/chat/completions", "/v1/chat/completions/", "/api/v1/chat/completions")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    served_model_name: str
+    model_path: str
+
+
+def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
+    chat = ChatService(engine, config.served_model_name)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="Loom", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def request_id_header(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        response = await call_next(request)
+        response.headers.setdefault("x-request-id", request.state.request_id)
+        return response
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_running:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        card = ModelCard(id=config.served_model_name, root=config.model_path, max_model_len=engine.max_model_len)
+        return ModelList(data=[card])
+
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        if body.model is not None and body.model != config.served_model_name:
+            raise model_not_found(body.model)
+        chat_req = to_chat_request(body)
+        headers = {"x-request-id": chat_req.request_id}
+        try:
+            if body.stream:
+                return await _stream(chat, chat_req, body, headers)
+            result = await _unless_disconnected(request, chat.complete(chat_req))
+        except InvalidRequest as exc:
+            raise _as_api_error(exc) from exc
+        if result is None:
+            return Response(status_code=499)
+        return JSONResponse(completion_response(result, config.served_model_name).model_dump(), headers=headers)
+
+    for path in CHAT_PATHS:
+        app.post(path, include_in_schema=path == CHAT_PATHS[0])(chat_completions)
+    return app
+
+
+async def _stream(chat: ChatService, chat_req, body: ChatCompletionRequest, headers: dict[str, str]) -> Response:  # type: ignore[no-untyped-def]
+    prompt_ids = chat.tokenize_prompt(chat_req)  # errors here still get a plain 4xx, not a broken stream
+    opts = body.stream_options
+    writer = ChunkWriter(
+        chat_req.request_id,
+        chat.model_name,
+        int(time.time()),
+        include_usage=bool(opts and opts.include_usage),
+        continuous_usage=bool(opts and opts.continuous_usage_stats),
+    )
+
+    async def events() -> AsyncIterator[str]:
+        deltas = chat.stream(chat_req, prompt_ids)
+        try:
+            async for line in writer.write(chat_req.n, deltas, len(prompt_ids)):
+                yield line
+        finally:  # a client that left cancels this generator: close the engine streams now
+            await deltas.aclose()  # type: ignore[attr-defined]
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Runs `work`, cancelling it (which aborts its engine requests) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if not done and await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return None
+    return task.result()
+
+
+def _as_api_error(exc: InvalidRequest) -> APIError:
+    err = BadRequestError(exc.message, param=exc.param)
+    err.status_code = exc.status_code
+    return err

@@ -1,0 +1,76 @@
+"""The one converter from the wire's `ChatCompletionRequest` to serving's `ChatRequest`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loom.api.errors import UnprocessableEntityError, unsupported_parameters
+from loom.api.protocol import ChatCompletionRequest, resolved_max_tokens, unsupported_fields
+from loom.api.protocol_response import random_id
+from loom.engine import SamplingParams
+from loom.serving.types import ChatMessage, ChatRequest, TemplateOptions
+
+_TEXT_PART_TYPES = frozenset({"text"})
+_SKIPPED_PART_TYPES = frozenset({"thinking", "refusal"})  # earlier turns' side channels, not prompt text
+
+
+def to_chat_request(req: ChatCompletionRequest) -> ChatRequest:
+    unsupported = unsupported_fields(req)
+    if unsupported:
+        raise unsupported_parameters(unsupported)
+    return ChatRequest(
+        request_id=req.request_id or random_id("chatcmpl"),
+        messages=tuple(_message(i, m) for i, m in enumerate(req.messages)),
+        sampling=_sampling_params(req),
+        n=req.n or 1,
+        template=TemplateOptions(
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            add_special_tokens=req.add_special_tokens,
+            chat_template=req.chat_template,
+            chat_template_kwargs=dict(req.chat_template_kwargs or {}),
+        ),
+    )
+
+
+def _sampling_params(req: ChatCompletionRequest) -> SamplingParams:
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    top_k = req.top_k if req.top_k is not None and req.top_k > 0 else None  # 0 and -1 mean off
+    return SamplingParams(
+        max_tokens=resolved_max_tokens(req),
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=top_k,
+        min_p=req.min_p or 0.0,
+        seed=req.seed,
+        min_tokens=req.min_tokens or 0,
+        stop=tuple(stop),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=bool(req.ignore_eos),
+        include_stop_str_in_output=bool(req.include_stop_str_in_output),
+        skip_special_tokens=req.skip_special_tokens,
+        spaces_between_special_tokens=req.spaces_between_special_tokens,
+    )
+
+
+def _message(index: int, message: Any) -> ChatMessage:
+    extra = message.model_dump(exclude={"role", "content"}, exclude_none=True)
+    return ChatMessage(message.role, _text_content(index, getattr(message, "content", None)), extra)
+
+
+def _text_content(index: int, content: Any) -> str | None:
+    if content is None or isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        kind = "text" if isinstance(part, str) else part.type
+        if kind in _SKIPPED_PART_TYPES:
+            continue
+        if kind not in _TEXT_PART_TYPES:
+            raise UnprocessableEntityError(
+                f"messages[{index}] has a '{kind}' content part, but the served model reads text only",
+                param="messages",
+                code="unsupported_content",
+            )
+        texts.append(part if isinstance(part, str) else part.text)
+    return "\n".join(texts)

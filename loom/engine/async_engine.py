@@ -1,0 +1,172 @@
+"""`AsyncEngine`: the asyncio-facing client of the engine core, which runs on its own thread.
+
+Owns, per request, the incremental detokenizer, stop strings and an output queue; the core thread
+owns scheduling and the model. They talk through a command queue (add / abort) one way and
+`loop.call_soon_threadsafe` batches of `CoreOutput` the other way, so HTTP never waits on a
+forward pass and a forward pass never waits on HTTP. A consumer that stops iterating (a client
+that disconnected) aborts its request in the core, which frees its KV blocks on the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from loom.engine.core import EngineCore
+from loom.engine.detokenizer import IncrementalDetokenizer
+from loom.engine.request import EngineRequest
+from loom.engine.sampling_params import SamplingParams
+from loom.engine.scheduler import CoreOutput
+from loom.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    req_id: str
+    new_token_ids: tuple[int, ...]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None  # the stop string or stop token id that ended it
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+class EngineError(RuntimeError):
+    """The core failed while running a request; the request is over, the engine keeps serving."""
+
+
+@dataclass(slots=True)
+class _Stream:
+    detok: IncrementalDetokenizer
+    queue: asyncio.Queue[RequestOutput | EngineError]
+    num_output_tokens: int = 0
+    finished: bool = False
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore, tokenizer: Tokenizer, max_model_len: int) -> None:
+        self.core = core
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run_core, name="loom-engine-core", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self._commands.put(("stop", None))
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_active_requests(self) -> int:
+        return len(self._streams)
+
+    async def generate(self, req_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        if req_id in self._streams:
+            raise ValueError(f"request id {req_id!r} is already running")
+        detok = IncrementalDetokenizer(
+            self.tokenizer,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+            skip_special_tokens=params.skip_special_tokens,
+            spaces_between_special_tokens=params.spaces_between_special_tokens,
+        )
+        stream = _Stream(detok, asyncio.Queue())
+        self._streams[req_id] = stream
+        self._commands.put(("add", EngineRequest(req_id, tuple(prompt_ids), params)))
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, EngineError):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if not stream.finished:
+                self._commands.put(("abort", req_id))
+            self._streams.pop(req_id, None)
+
+    def _run_core(self) -> None:
+        while True:
+            if not self._drain_commands(block=not self.core.has_work):
+                return
+            try:
+                outputs = self.core.step()
+            except Exception as exc:  # keep serving: fail the requests in flight, not the process
+                log.exception("engine step failed")
+                self._fail_all(exc)
+                continue
+            if outputs:
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _drain_commands(self, block: bool) -> bool:
+        """Applies pending add/abort commands; False once asked to stop."""
+        while True:
+            try:
+                kind, payload = self._commands.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "stop":
+                return False
+            if kind == "add":
+                assert isinstance(payload, EngineRequest)
+                self.core.add_request(payload)
+            elif kind == "abort":
+                self.core.abort_request(str(payload))
+
+    def _fail_all(self, exc: Exception) -> None:
+        for req_id in list(self.core.scheduler.requests):
+            self.core.abort_request(req_id)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._fail_streams, EngineError(f"engine step failed: {exc}"))
+
+    def _fail_streams(self, err: EngineError) -> None:
+        for stream in self._streams.values():
+            if not stream.finished:
+                stream.finished = True
+                stream.queue.put_nowait(err)
+
+    def _dispatch(self, outputs: list[CoreOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.req_id)
+            if stream is None or stream.finished:
+                continue  # the client left, or a stop string already ended it
+            stream.queue.put_nowait(self._to_request_output(out, stream))
+
+    def _to_request_output(self, out: CoreOutput, stream: _Stream) -> RequestOutput:
+        stream.num_output_tokens += len(out.new_token_ids)
+        delta = stream.detok.update(out.new_token_ids)
+        finish_reason, stop_reason = out.finish_reason, out.stop_reason
+        text = delta.text
+        if delta.stop_str is not None:
+            finish_reason, stop_reason = "stop", delta.stop_str
+            if out.finish_reason is None:
+                self._commands.put(("abort", out.req_id))
+        elif finish_reason is not None:
+            text += stream.detok.flush()
+        stream.finished = finish_reason is not None
+        return RequestOutput(
+            out.req_id, out.new_token_ids, text, stream.finished, finish_reason, stop_reason,
+            out.num_prompt_tokens, stream.num_output_tokens,
+        )

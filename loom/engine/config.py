@@ -1,0 +1,26 @@
+"""`EngineConfig`: what the CLI decides about one served model, frozen before the engine starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model_path: str
+    served_model_name: str
+    dtype: str = "bfloat16"
+    max_model_len: int | None = None  # None = the model's own context length
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    kv_cache_gib: float = 1.0
+    num_threads: int | None = None  # None = every core
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

@@ -1,0 +1,50 @@
+"""Builds a ready `AsyncEngine` from an `EngineConfig`: weights, tokenizer, KV cache, core."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from loom.engine.async_engine import AsyncEngine
+from loom.engine.config import EngineConfig
+from loom.engine.core import EngineCore
+from loom.engine.kv_cache import KVCacheManager
+from loom.engine.runner import ModelRunner
+from loom.engine.scheduler import Scheduler, SchedulerConfig
+from loom.models.registry import load_model
+from loom.tokenizer import load_tokenizer
+
+
+def resolve_max_model_len(config: EngineConfig, model_limit: int) -> int:
+    if config.max_model_len is None:
+        return model_limit
+    if config.max_model_len > model_limit:
+        raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's context length {model_limit}")
+    return config.max_model_len
+
+
+def num_kv_blocks(config: EngineConfig, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
+    elem = torch.empty((), dtype=config.torch_dtype).element_size()
+    block_bytes = 2 * num_layers * config.block_size * num_kv_heads * head_dim * elem
+    return int(config.kv_cache_gib * 2**30) // block_bytes
+
+
+def build_engine(config: EngineConfig, progress: Callable[[int, int], None] | None = None) -> AsyncEngine:
+    torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+    model = load_model(config.model_path, config.torch_dtype, progress)
+    tokenizer = load_tokenizer(config.model_path)
+    cfg = model.config
+    max_model_len = resolve_max_model_len(config, cfg.max_position_embeddings)
+    num_blocks = num_kv_blocks(config, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+    if num_blocks * config.block_size < max_model_len:
+        raise ValueError(
+            f"a KV cache of {config.kv_cache_gib} GiB holds {num_blocks * config.block_size} tokens, "
+            f"fewer than one request of --max-model-len {max_model_len}: raise --kv-cache-gib or lower --max-model-len"
+        )
+    kv = KVCacheManager(num_blocks, config.block_size)
+    sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len)
+    runner = ModelRunner(model, num_blocks, config.block_size, config.torch_dtype)
+    core = EngineCore(Scheduler(sched_cfg, kv), runner, tokenizer.eos_token_id)
+    return AsyncEngine(core, tokenizer, max_model_len)

@@ -1,0 +1,91 @@
+"""Model runner: turns a `SchedulerOutput` into one forward pass over a flattened batch.
+
+Owns the KV cache tensors and the per-step input tensors (input ids, positions, slot mapping,
+attention metadata). Never decides what runs; never samples. A compiled or fused forward can be
+swapped in through `forward_fn` without touching scheduling or sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from loom.engine.request import Request
+from loom.engine.scheduler import SchedulerOutput
+from loom.models.attention import AttentionMetadata, PrefillSpan
+from loom.models.llama import LlamaModel
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInput:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [R]
+    sampling_reqs: list[Request]  # row r of the logits belongs to sampling_reqs[r]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+        cfg = model.config
+        self.model = model
+        self.block_size = block_size
+        shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(cfg.num_layers)]
+        self.forward_fn: Callable[..., torch.Tensor] = model.forward
+
+    def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
+        """Runs the step; returns logits `[R, vocab]` and the requests they belong to."""
+        inp = self.prepare(sched)
+        logits = self.forward_fn(inp.input_ids, inp.positions, self.kv_caches, inp.meta, inp.logits_indices)
+        return logits, inp.sampling_reqs
+
+    def prepare(self, sched: SchedulerOutput) -> ModelInput:
+        decodes = [req for req, n in sched.scheduled if n == 1]
+        prefills = [(req, n) for req, n in sched.scheduled if n > 1]
+        ids: list[int] = [req.token_at(req.num_computed_tokens) for req in decodes]
+        positions: list[int] = [req.num_computed_tokens for req in decodes]
+        slots: list[int] = [self._slot(req, req.num_computed_tokens) for req in decodes]
+        sampling_reqs = [req for req in decodes if req.num_computed_tokens + 1 == req.num_tokens]
+        logits_idx = [i for i, req in enumerate(decodes) if req.num_computed_tokens + 1 == req.num_tokens]
+        spans = []
+        for req, n in prefills:
+            start, first = len(ids), req.num_computed_tokens
+            ids.extend(req.token_at(p) for p in range(first, first + n))
+            positions.extend(range(first, first + n))
+            context_slots = self._slots(req, first + n)
+            slots.extend(context_slots[first:].tolist())
+            spans.append(PrefillSpan(start, start + n, context_slots, is_first_chunk=first == 0))
+            if first + n == req.num_tokens:
+                sampling_reqs.append(req)
+                logits_idx.append(start + n - 1)
+        decode_slots, decode_mask = self._decode_context(decodes)
+        meta = AttentionMetadata(_long(slots), len(decodes), decode_slots, decode_mask, tuple(spans))
+        return ModelInput(_long(ids), _long(positions), meta, _long(logits_idx), sampling_reqs)
+
+    def _slot(self, req: Request, position: int) -> int:
+        return req.block_ids[position // self.block_size] * self.block_size + position % self.block_size
+
+    def _slots(self, req: Request, num_tokens: int) -> torch.Tensor:
+        pos = torch.arange(num_tokens)
+        table = torch.tensor(req.block_ids)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _decode_context(self, decodes: list[Request]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Slots of every cached token (including this step's) per decode request, padded."""
+        if not decodes:
+            return None, None
+        context_lens = torch.tensor([req.num_computed_tokens + 1 for req in decodes])
+        max_len = int(context_lens.max())
+        max_blocks = -(-max_len // self.block_size)
+        table = torch.tensor([req.block_ids[:max_blocks] + [0] * (max_blocks - len(req.block_ids[:max_blocks])) for req in decodes])
+        pos = torch.arange(max_len)
+        decode_slots = table[:, pos // self.block_size] * self.block_size + pos % self.block_size
+        mask = (pos.unsqueeze(0) < context_lens.unsqueeze(1)).view(len(decodes), 1, 1, max_len)
+        return decode_slots, mask
+
+
+def _long(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long)

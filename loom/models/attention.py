@@ -1,0 +1,92 @@
+"""Attention over a paged KV cache for a flattened batch of decode and prefill tokens.
+
+Owns the per-step `AttentionMetadata` and the attention math. Never decides which requests run
+(the scheduler does) or where blocks live (the KV cache manager does); it only reads slot numbers.
+
+Token layout of one step (the runner builds it):
+
+    | decode tokens: one per request | prefill chunk of req A | prefill chunk of req B | ...
+      num_decode_tokens                 prefill_spans[0]         prefill_spans[1]
+
+K/V cache per layer: `[num_slots, num_kv_heads, head_dim]`, slot = block_id * block_size + offset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillSpan:
+    start: int  # first token of this chunk in the flattened batch
+    end: int  # one past its last token
+    context_slots: torch.Tensor  # [context_len] slots of every cached token up to this chunk's end
+    is_first_chunk: bool  # no earlier tokens: plain causal attention
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
+    num_decode_tokens: int
+    decode_slots: torch.Tensor | None  # [num_decodes, max_context] slots to read, padded
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] True where valid
+    prefill_spans: tuple[PrefillSpan, ...]
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+) -> None:
+    k_cache.index_copy_(0, slots, k)
+    v_cache.index_copy_(0, slots, v)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    out = torch.empty_like(q)
+    nd = meta.num_decode_tokens
+    if nd:
+        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta)
+    for span in meta.prefill_spans:
+        out[span.start : span.end] = _prefill_attention(q[span.start : span.end], k_cache, v_cache, span)
+    return out
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
+
+
+def _decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+) -> torch.Tensor:
+    assert meta.decode_slots is not None and meta.decode_mask is not None
+    k = _gather(k_cache, meta.decode_slots).transpose(1, 2)  # [D, kv_heads, L, head_dim]
+    v = _gather(v_cache, meta.decode_slots).transpose(1, 2)
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=meta.decode_mask, enable_gqa=True
+    )  # [D, heads, 1, head_dim]
+    return o.squeeze(2)
+
+
+def _prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: PrefillSpan
+) -> torch.Tensor:
+    num_q = q.shape[0]
+    k = _gather(k_cache, span.context_slots).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, C, hd]
+    v = _gather(v_cache, span.context_slots).transpose(0, 1).unsqueeze(0)
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, heads, Q, hd]
+    if span.is_first_chunk:
+        o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, enable_gqa=True)
+    else:
+        num_ctx = k.shape[2]
+        # query i sits at context position num_ctx - num_q + i and may see keys up to there
+        q_pos = torch.arange(num_ctx - num_q, num_ctx).unsqueeze(1)
+        mask = torch.arange(num_ctx).unsqueeze(0) <= q_pos
+        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, enable_gqa=True)
+    return o.squeeze(0).transpose(0, 1)

@@ -1,0 +1,200 @@
+"""Sampler on hand-made logits: greedy, top-k / top-p / min-p filtering, seeds, min_tokens bans.
+
+Distribution checks draw many rows at once (one request per row) so they stay fast and, with a
+fixed global seed, deterministic.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from loom.engine.request import EngineRequest, Request
+from loom.engine.sampler import Sampler
+from loom.engine.sampling_params import SamplingParams
+
+EOS = 2
+VOCAB = 16
+NUM_DRAWS = 2000
+# probabilities 0.4, 0.3, 0.2, 0.1 on tokens 5, 9, 1, 12; every other token has none
+PROBS = {5: 0.4, 9: 0.3, 1: 0.2, 12: 0.1}
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rng() -> None:
+    torch.manual_seed(0)
+
+
+def make_request(req_id: str = "r", **params: object) -> Request:
+    return Request(EngineRequest(req_id, (10, 11, 12), SamplingParams(**params)), eos_token_id=EOS)  # type: ignore[arg-type]
+
+
+def peaked_logits() -> torch.Tensor:
+    logits = torch.full((VOCAB,), float("-inf"))
+    for token, p in PROBS.items():
+        logits[token] = torch.tensor(p).log()
+    return logits
+
+
+def random_logits(rows: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def draw_many(logits_row: torch.Tensor, num: int = NUM_DRAWS, **params: object) -> Counter[int]:
+    reqs = [make_request(f"r{i}", **params) for i in range(num)]
+    with torch.inference_mode():
+        tokens = Sampler().sample(logits_row.expand(num, -1).clone(), reqs)
+    return Counter(tokens)
+
+
+def sample(logits: torch.Tensor, reqs: list[Request]) -> list[int]:
+    with torch.inference_mode():
+        return Sampler().sample(logits.clone(), reqs)
+
+
+# --- greedy and filters ------------------------------------------------------------------------
+
+
+def test_temperature_zero_takes_argmax_of_each_row() -> None:
+    logits = random_logits(8)
+    reqs = [make_request(f"r{i}", temperature=0) for i in range(8)]
+    assert sample(logits, reqs) == logits.argmax(dim=-1).tolist()
+
+
+def test_greedy_rows_take_argmax_beside_sampled_rows() -> None:
+    logits = random_logits(6)
+    reqs = [make_request(f"r{i}", temperature=0 if i % 2 else 1.5) for i in range(6)]
+    for _ in range(20):
+        tokens = sample(logits, reqs)
+        assert tokens[1::2] == logits[1::2].argmax(dim=-1).tolist()
+
+
+def test_top_k_one_is_argmax_at_high_temperature() -> None:
+    logits = random_logits(1)[0]
+    counts = draw_many(logits, temperature=5.0, top_k=1)
+    assert set(counts) == {int(logits.argmax())}
+
+
+def test_small_top_p_keeps_only_the_top_token() -> None:
+    counts = draw_many(peaked_logits(), temperature=1.0, top_p=0.05)
+    assert set(counts) == {5}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass() -> None:
+    counts = draw_many(peaked_logits(), temperature=1.0, top_p=0.65)  # 0.4 + 0.3 >= 0.65
+    assert set(counts) == {5, 9}
+    assert counts[5] / NUM_DRAWS == pytest.approx(0.4 / 0.7, abs=0.05)
+
+
+def test_top_k_results_stay_within_the_top_k_set() -> None:
+    logits = random_logits(1, seed=3)[0]
+    top3 = set(logits.topk(3).indices.tolist())
+    counts = draw_many(logits, temperature=10.0, top_k=3)  # nearly flat: all three show up
+    assert set(counts) == top3
+
+
+def test_min_p_drops_tokens_below_fraction_of_top_probability() -> None:
+    counts = draw_many(peaked_logits(), temperature=1.0, min_p=0.6)  # threshold 0.24: keeps 0.4, 0.3
+    assert set(counts) == {5, 9}
+    counts = draw_many(peaked_logits(), temperature=1.0, min_p=0.45)  # threshold 0.18: keeps 0.2 too
+    assert set(counts) == {5, 9, 1}
+
+
+def test_samples_follow_softmax_probabilities() -> None:
+    counts = draw_many(peaked_logits(), num=8000, temperature=1.0)
+    assert set(counts) == set(PROBS)
+    for token, p in PROBS.items():
+        assert counts[token] / 8000 == pytest.approx(p, abs=0.02), token
+
+
+def test_low_temperature_sharpens_the_distribution() -> None:
+    counts = draw_many(peaked_logits(), temperature=0.25)  # 0.4^4 : 0.3^4 : ... -> 0.72 on token 5
+    assert counts[5] / NUM_DRAWS == pytest.approx(0.72, abs=0.04)
+
+
+# --- seeds -------------------------------------------------------------------------------------
+
+
+def seeded_sequence(seed: int, logits: torch.Tensor, steps: int = 30) -> list[int]:
+    req = make_request("seeded", temperature=1.0, seed=seed)
+    return [sample(logits[None], [req])[0] for _ in range(steps)]
+
+
+def test_same_seed_gives_same_tokens_across_runs() -> None:
+    logits = random_logits(1)[0] / 3  # soft: many tokens are likely
+    first = seeded_sequence(1234, logits)
+    torch.manual_seed(99)  # the global RNG must not matter
+    assert seeded_sequence(1234, logits) == first
+    assert len(set(first)) > 3
+
+
+def test_different_seeds_give_different_tokens() -> None:
+    logits = random_logits(1)[0] / 3
+    assert seeded_sequence(1, logits) != seeded_sequence(2, logits)
+
+
+def test_seeded_row_samples_the_same_alone_or_in_a_batch() -> None:
+    logits = random_logits(4) / 3
+    alone = seeded_sequence(7, logits[2])
+
+    target = make_request("target", temperature=1.0, seed=7)
+    others = [
+        make_request("unseeded", temperature=0.8),
+        make_request("other-seed", temperature=1.0, seed=8, top_k=5),
+        make_request("greedy", temperature=0),
+    ]
+    batched = []
+    for _ in range(len(alone)):
+        reqs = [others[0], others[1], target, others[2]]
+        batched.append(sample(logits, reqs)[2])
+    assert batched == alone
+
+
+def test_seeded_row_sequence_does_not_depend_on_its_position_in_the_batch() -> None:
+    logits = random_logits(3) / 3
+    req_a = make_request("a", temperature=1.0, seed=11)
+    req_b = make_request("b", temperature=1.0, seed=11)
+    seq_a, seq_b = [], []
+    for _ in range(20):
+        seq_a.append(sample(logits[[0, 1]], [req_a, make_request("x")])[0])
+        seq_b.append(sample(logits[[2, 1, 0]], [make_request("y"), make_request("z"), req_b])[2])
+    assert seq_a == seq_b
+
+
+# --- min_tokens --------------------------------------------------------------------------------
+
+
+def test_min_tokens_bans_eos_and_stop_ids_until_reached() -> None:
+    logits = torch.zeros(VOCAB)
+    logits[EOS], logits[7], logits[3] = 10.0, 9.0, 8.0  # EOS, then the stop id, then token 3
+    req = make_request(temperature=0, min_tokens=2, stop_token_ids=(7,))
+    assert sample(logits[None], [req]) == [3]
+    req.output_ids.append(3)
+    assert sample(logits[None], [req]) == [3]
+    req.output_ids.append(3)
+    assert sample(logits[None], [req]) == [EOS]  # two tokens out: EOS is allowed again
+
+
+def test_min_tokens_bans_eos_when_sampling() -> None:
+    logits = torch.zeros(VOCAB)
+    logits[EOS] = 3.0  # EOS would win about half the draws
+    counts = draw_many(logits, temperature=1.0, min_tokens=1)
+    assert EOS not in counts
+    assert EOS in draw_many(logits, temperature=1.0)
+
+
+def test_min_tokens_leaves_eos_alone_with_ignore_eos_but_bans_stop_ids() -> None:
+    logits = torch.zeros(VOCAB)
+    logits[EOS], logits[7] = 10.0, 11.0
+    req = make_request(temperature=0, min_tokens=5, ignore_eos=True, stop_token_ids=(7,))
+    assert sample(logits[None], [req]) == [EOS]
+
+
+def test_min_tokens_applies_only_to_its_own_row() -> None:
+    logits = torch.zeros(2, VOCAB)
+    logits[:, EOS] = 10.0
+    reqs = [make_request("banned", temperature=0, min_tokens=3), make_request("free", temperature=0)]
+    tokens = sample(logits, reqs)
+    assert tokens[0] != EOS and tokens[1] == EOS
