@@ -106,6 +106,17 @@ def _load_model_without_accelerate(folder: str, name: str, dtype: torch.dtype) -
     return model
 
 
+def weight_layout(model: Any) -> str:
+    """Say whether transformers kept GGUF blocks packed: the peer is meant to be a dense model.
+
+    transformers 5.x warns that packed weights are "fastest in float32" even when, for an
+    architecture it cannot keep packed (llama), it has dequantized everything into `nn.Linear`.
+    """
+    packed = [name for name, module in model.named_modules() if type(module).__name__.startswith("Gguf")]
+    dtypes = sorted({str(param.dtype).removeprefix("torch.") for param in model.parameters()})
+    return f"packed GGUF in {len(packed)} modules" if packed else f"dense {'/'.join(dtypes)}"
+
+
 def chat_inputs(tokenizer: Any, prompt: str, batch_size: int) -> dict[str, torch.Tensor]:
     messages = [{"role": "user", "content": prompt}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -135,6 +146,7 @@ def run_hf(settings: HFSettings, tokenizer: Any, prompt: str, log: Log = print) 
     torch.set_num_threads(settings.num_threads)
     log(f"hf: loading {settings.model_path} ({settings.dtype_name}, {settings.num_threads} threads)")
     model = load_model(settings.model_path, getattr(torch, settings.dtype_name))
+    log(f"hf: weights are {weight_layout(model)}")
     pad_token_id = int(tokenizer.pad_token_id)
     log("hf: warm-up (batch 1, 8 tokens)")
     time_generate(model, chat_inputs(tokenizer, prompt, 1), 8, pad_token_id)

@@ -41,8 +41,7 @@ RESULTS_DIR = BENCH_DIR / "results"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HF_DTYPES = ("bfloat16", "float16", "float32")
 SERVER_ARG_HELP = "extra `loom serve` args, shell-split (repeatable): --server-arg='--flag value'"
-TABLE_HEADER = ("concurrency", "loom tok/s", "hf tok/s", "ratio (loom/hf)")
-TABLE_HEADER += ("loom TTFT ms", "loom ITL ms")
+TABLE_HEADER = ("concurrency", "loom tok/s", "hf tok/s", "ratio (loom/hf)", "loom TTFT ms", "loom ITL ms")
 
 
 class LoomBenchError(RuntimeError):
@@ -80,13 +79,21 @@ def default_model_path() -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF)
 
 
+def parse_levels(text: str) -> list[int]:
+    """`"1,8,32"` -> `[1, 8, 32]`; each level is both a concurrency (Loom) and a batch size (HF)."""
+    levels = [int(level) for level in text.split(",") if level.strip()]
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,8,32, got {text!r}")
+    return levels
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M Q4_1)")
+    parser.add_argument("--model", default=default_model_path(), help="GGUF file for both sides")
     parser.add_argument("--dtype", default="bfloat16", help="Loom server --dtype")
     parser.add_argument("--hf-dtype", default="bfloat16", choices=HF_DTYPES)
     parser.add_argument("--hf-threads", type=int, default=os.cpu_count() or 1, help="torch threads")
-    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
+    parser.add_argument("--concurrency", type=parse_levels, default=[1, 8, 32], help="comma-separated levels")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=128, help="user text, before template")
     parser.add_argument("--skip-hf", action="store_true")
@@ -95,10 +102,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--server-arg", action="append", default=[], help=SERVER_ARG_HELP)
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds for /health")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
-    args = parser.parse_args(argv)
-    args.model = args.model or default_model_path()
-    args.concurrency = [int(level) for level in args.concurrency.split(",") if level.strip()]
-    return args
+    return parser.parse_args(argv)
 
 
 # --- the Loom server process -------------------------------------------------------------------

@@ -32,6 +32,7 @@ class ModelRunner:
         cfg = model.config
         self.model = model
         self.block_size = block_size
+        self.dtype = dtype
         shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(cfg.num_layers)]
         self.forward_fn: Callable[..., torch.Tensor] = model.forward
@@ -83,7 +84,8 @@ class ModelRunner:
         table = torch.tensor([req.block_ids[:max_blocks] + [0] * (max_blocks - len(req.block_ids[:max_blocks])) for req in decodes])
         pos = torch.arange(max_len)
         decode_slots = table[:, pos // self.block_size] * self.block_size + pos % self.block_size
-        mask = (pos.unsqueeze(0) < context_lens.unsqueeze(1)).view(len(decodes), 1, 1, max_len)
+        valid = (pos.unsqueeze(0) < context_lens.unsqueeze(1)).view(len(decodes), 1, 1, max_len)
+        mask = torch.zeros(valid.shape, dtype=self.dtype).masked_fill_(~valid, float("-inf"))
         return decode_slots, mask
 
 

@@ -32,7 +32,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
     num_decode_tokens: int
     decode_slots: torch.Tensor | None  # [num_decodes, max_context] slots to read, padded
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] True where valid
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] additive: 0 valid, -inf padding
     prefill_spans: tuple[PrefillSpan, ...]
 
 
@@ -65,13 +65,15 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 def _decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
 ) -> torch.Tensor:
+    """One query per request: plain matmuls, grouped by KV head (SDPA's CPU kernels are slow at q_len 1)."""
     assert meta.decode_slots is not None and meta.decode_mask is not None
-    k = _gather(k_cache, meta.decode_slots).transpose(1, 2)  # [D, kv_heads, L, head_dim]
-    v = _gather(v_cache, meta.decode_slots).transpose(1, 2)
-    o = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=meta.decode_mask, enable_gqa=True
-    )  # [D, heads, 1, head_dim]
-    return o.squeeze(2)
+    num_reqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    qg = q.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [D, kv, group, hd]
+    k = _gather(k_cache, meta.decode_slots).permute(0, 2, 3, 1)  # [D, kv, hd, L]
+    v = _gather(v_cache, meta.decode_slots).transpose(1, 2)  # [D, kv, L, hd]
+    scores = torch.matmul(qg, k).mul_(head_dim**-0.5).add_(meta.decode_mask)  # [D, kv, group, L]
+    return torch.matmul(scores.softmax(dim=-1), v).view(num_reqs, num_heads, head_dim)
 
 
 def _prefill_attention(

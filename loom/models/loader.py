@@ -43,9 +43,7 @@ def load_weights(
         config, tensors = load_hf_folder(model_path, dtype, progress)
     elif model_path.is_file():
         if not _is_gguf(model_path):
-            raise ValueError(
-                f"{model_path} is not a GGUF file (expected a .gguf file or a HF folder)"
-            )
+            raise ValueError(f"{model_path} is not a GGUF file (expected a .gguf file or a HF folder)")
         config, tensors = load_gguf(model_path, dtype, progress)
     else:
         raise FileNotFoundError(f"model path {model_path} does not exist")
@@ -69,11 +67,7 @@ def llama_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         "mlp.up_proj.weight": (inter, hidden),
         "mlp.down_proj.weight": (hidden, inter),
     }
-    shapes = {
-        f"model.layers.{i}.{name}": shape
-        for i in range(config.num_layers)
-        for name, shape in per_layer.items()
-    }
+    shapes = {f"model.layers.{i}.{name}": shape for i in range(config.num_layers) for name, shape in per_layer.items()}
     shapes["model.embed_tokens.weight"] = (config.vocab_size, hidden)
     shapes["model.norm.weight"] = (hidden,)
     if not config.tie_word_embeddings:
@@ -93,9 +87,7 @@ def check_llama_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -
         )
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
-            raise ValueError(
-                f"{name} has shape {tuple(tensors[name].shape)}, config implies {shape}"
-            )
+            raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, config implies {shape}")
 
 
 def _is_gguf(path: Path) -> bool:

@@ -62,34 +62,30 @@ def load_gguf(
 
 def read_gguf_config(reader: GGUFReader) -> ModelConfig:
     """The architecture numbers from `{arch}.*` metadata; rejects what a plain Llama cannot run."""
-    arch = _field(reader, "general.architecture")
+    arch = _required(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"unsupported GGUF architecture {arch!r}; Loom loads {sorted(SUPPORTED_ARCHITECTURES)}"
-        )
+        raise ValueError(f"unsupported GGUF architecture {arch!r}; Loom loads {sorted(SUPPORTED_ARCHITECTURES)}")
     _reject_rope_scaling(reader, arch)
-    hidden_size = int(_field(reader, f"{arch}.embedding_length"))
-    num_heads = int(_field(reader, f"{arch}.attention.head_count"))
+    hidden_size = int(_required(reader, f"{arch}.embedding_length"))
+    num_heads = int(_required(reader, f"{arch}.attention.head_count"))
     head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden_size // num_heads))
     rotary_dim = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
     if rotary_dim != head_dim:
-        raise ValueError(
-            f"partial rotary embeddings ({rotary_dim} of {head_dim}) are not supported"
-        )
+        raise ValueError(f"partial rotary embeddings ({rotary_dim} of {head_dim}) are not supported")
     names = {t.name for t in reader.tensors}
     return ModelConfig(
         architecture=arch,
         vocab_size=_vocab_size(reader, arch),
         hidden_size=hidden_size,
-        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
-        num_layers=int(_field(reader, f"{arch}.block_count")),
+        intermediate_size=int(_required(reader, f"{arch}.feed_forward_length")),
+        num_layers=int(_required(reader, f"{arch}.block_count")),
         num_heads=num_heads,
         # Older files omit head_count_kv; llama.cpp then reads it as plain multi-head attention.
         num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", num_heads)),
         head_dim=head_dim,
         rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
-        max_position_embeddings=int(_field(reader, f"{arch}.context_length")),
+        rms_norm_eps=float(_required(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
+        max_position_embeddings=int(_required(reader, f"{arch}.context_length")),
         tie_word_embeddings="output.weight" not in names,
     )
 
@@ -122,9 +118,7 @@ def _dequantize(tensor: ReaderTensor) -> torch.Tensor:
     try:
         values = dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as exc:
-        raise ValueError(
-            f"GGUF tensor {tensor.name!r} is {tensor.tensor_type.name}, which gguf cannot decode"
-        ) from exc
+        raise ValueError(f"GGUF tensor {tensor.name!r} is {tensor.tensor_type.name}, which gguf cannot decode") from exc
     shape = tuple(int(n) for n in reversed(tensor.shape))
     # F32 comes back as a read-only view of the memory-mapped file; torch needs owned memory.
     if not values.flags.writeable:
@@ -132,16 +126,16 @@ def _dequantize(tensor: ReaderTensor) -> torch.Tensor:
     return torch.from_numpy(values).reshape(shape)
 
 
-_MISSING = object()
-
-
-def _field(reader: GGUFReader, key: str, default: Any = _MISSING) -> Any:
+def _required(reader: GGUFReader, key: str) -> Any:
     field = reader.get_field(key)
     if field is None:
-        if default is _MISSING:
-            raise ValueError(f"GGUF metadata lacks {key!r}")
-        return default
+        raise ValueError(f"GGUF metadata lacks {key!r}")
     return field.contents()
+
+
+def _field(reader: GGUFReader, key: str, default: Any) -> Any:
+    field = reader.get_field(key)
+    return default if field is None else field.contents()
 
 
 def _vocab_size(reader: GGUFReader, arch: str) -> int:

