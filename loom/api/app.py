@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from loom.api.convert import to_chat_request
-from loom.api.errors import APIError, BadRequestError, model_not_found, install_error_handlers
+from loom.api.errors import APIError, BadRequestError, install_error_handlers, model_not_found
 from loom.api.protocol import ChatCompletionRequest
 from loom.api.protocol_response import ModelCard, ModelList
 from loom.api.render import ChunkWriter, completion_response

@@ -62,8 +62,8 @@ class ModelRunner:
             if first + n == req.num_tokens:
                 sampling_reqs.append(req)
                 logits_idx.append(start + n - 1)
-        decode_slots, decode_mask = self._decode_context(decodes)
-        meta = AttentionMetadata(_long(slots), len(decodes), decode_slots, decode_mask, tuple(spans))
+        decode_table, decode_mask = self._decode_context(decodes)
+        meta = AttentionMetadata(_long(slots), self.block_size, len(decodes), decode_table, decode_mask, tuple(spans))
         return ModelInput(_long(ids), _long(positions), meta, _long(logits_idx), sampling_reqs)
 
     def _slot(self, req: Request, position: int) -> int:
@@ -75,18 +75,20 @@ class ModelRunner:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def _decode_context(self, decodes: list[Request]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Slots of every cached token (including this step's) per decode request, padded."""
+        """Block table of every decode request (padded) and the additive mask of its valid tokens."""
         if not decodes:
             return None, None
         context_lens = torch.tensor([req.num_computed_tokens + 1 for req in decodes])
-        max_len = int(context_lens.max())
-        max_blocks = -(-max_len // self.block_size)
-        table = torch.tensor([req.block_ids[:max_blocks] + [0] * (max_blocks - len(req.block_ids[:max_blocks])) for req in decodes])
-        pos = torch.arange(max_len)
-        decode_slots = table[:, pos // self.block_size] * self.block_size + pos % self.block_size
-        valid = (pos.unsqueeze(0) < context_lens.unsqueeze(1)).view(len(decodes), 1, 1, max_len)
+        max_blocks = -(-int(context_lens.max()) // self.block_size)
+        table = torch.tensor([_padded(req.block_ids[:max_blocks], max_blocks) for req in decodes])
+        pos = torch.arange(max_blocks * self.block_size)
+        valid = (pos.unsqueeze(0) < context_lens.unsqueeze(1)).view(len(decodes), 1, 1, -1)
         mask = torch.zeros(valid.shape, dtype=self.dtype).masked_fill_(~valid, float("-inf"))
-        return decode_slots, mask
+        return table, mask
+
+
+def _padded(block_ids: list[int], length: int) -> list[int]:
+    return block_ids + [0] * (length - len(block_ids))
 
 
 def _long(values: list[int]) -> torch.Tensor:

@@ -30,8 +30,9 @@ class PrefillSpan:
 @dataclass(frozen=True, slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
+    block_size: int
     num_decode_tokens: int
-    decode_slots: torch.Tensor | None  # [num_decodes, max_context] slots to read, padded
+    decode_block_table: torch.Tensor | None  # [num_decodes, max_blocks] blocks to read, padded with 0
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] additive: 0 valid, -inf padding
     prefill_spans: tuple[PrefillSpan, ...]
 
@@ -62,16 +63,22 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
 
 
+def _gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Whole blocks at a time: far fewer, larger copies than gathering token slots."""
+    blocks = cache.view(-1, block_size, *cache.shape[1:]).index_select(0, block_table.reshape(-1))
+    return blocks.view(block_table.shape[0], block_table.shape[1] * block_size, *cache.shape[1:])
+
+
 def _decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
 ) -> torch.Tensor:
     """One query per request: plain matmuls, grouped by KV head (SDPA's CPU kernels are slow at q_len 1)."""
-    assert meta.decode_slots is not None and meta.decode_mask is not None
+    assert meta.decode_block_table is not None and meta.decode_mask is not None
     num_reqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     qg = q.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [D, kv, group, hd]
-    k = _gather(k_cache, meta.decode_slots).permute(0, 2, 3, 1)  # [D, kv, hd, L]
-    v = _gather(v_cache, meta.decode_slots).transpose(1, 2)  # [D, kv, L, hd]
+    k = _gather_blocks(k_cache, meta.decode_block_table, meta.block_size).permute(0, 2, 3, 1)  # [D, kv, hd, L]
+    v = _gather_blocks(v_cache, meta.decode_block_table, meta.block_size).transpose(1, 2)  # [D, kv, L, hd]
     scores = torch.matmul(qg, k).mul_(head_dim**-0.5).add_(meta.decode_mask)  # [D, kv, group, L]
     return torch.matmul(scores.softmax(dim=-1), v).view(num_reqs, num_heads, head_dim)
 

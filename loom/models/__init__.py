@@ -1,0 +1,1 @@
+"""Model definitions, weight loaders and the default-model resolver. Never schedules."""
