@@ -33,8 +33,8 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.dtype = dtype
-        shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(cfg.num_layers)]
+        shape = (num_blocks * block_size, 2 * cfg.num_kv_heads, cfg.head_dim)  # K heads, then V heads
+        self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_layers)]
         self.forward_fn: Callable[..., torch.Tensor] = model.forward
 
     def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:

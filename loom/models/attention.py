@@ -8,7 +8,9 @@ Token layout of one step (the runner builds it):
     | decode tokens: one per request | prefill chunk of req A | prefill chunk of req B | ...
       num_decode_tokens                 prefill_spans[0]         prefill_spans[1]
 
-K/V cache per layer: `[num_slots, num_kv_heads, head_dim]`, slot = block_id * block_size + offset.
+KV cache per layer: one tensor `[num_slots, 2 * num_kv_heads, head_dim]`, K heads then V heads,
+slot = block_id * block_size + offset. K and V side by side mean one write and one gather per
+layer instead of two.
 """
 
 from __future__ import annotations
@@ -37,58 +39,44 @@ class AttentionMetadata:
     prefill_spans: tuple[PrefillSpan, ...]
 
 
-def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
-) -> None:
-    k_cache.index_copy_(0, slots, k)
-    v_cache.index_copy_(0, slots, v)
-
-
 def paged_attention(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    kv_new: torch.Tensor,  # [num_tokens, 2 * num_kv_heads, head_dim] this step's K|V
+    kv_cache: torch.Tensor,
     meta: AttentionMetadata,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    out = torch.empty_like(q)
+    kv_cache.index_copy_(0, meta.slot_mapping, kv_new)
     nd = meta.num_decode_tokens
+    if not meta.prefill_spans:
+        return _decode_attention(q, kv_cache, meta)
+    out = torch.empty_like(q)
     if nd:
-        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, meta)
+        out[:nd] = _decode_attention(q[:nd], kv_cache, meta)
     for span in meta.prefill_spans:
-        out[span.start : span.end] = _prefill_attention(q[span.start : span.end], k_cache, v_cache, span)
+        out[span.start : span.end] = _prefill_attention(q[span.start : span.end], kv_cache, span)
     return out
 
 
-def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:])
-
-
-def _gather_blocks(cache: torch.Tensor, block_table: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Whole blocks at a time: far fewer, larger copies than gathering token slots."""
-    blocks = cache.view(-1, block_size, *cache.shape[1:]).index_select(0, block_table.reshape(-1))
-    return blocks.view(block_table.shape[0], block_table.shape[1] * block_size, *cache.shape[1:])
-
-
-def _decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
-) -> torch.Tensor:
-    """One query per request: plain matmuls, grouped by KV head (SDPA's CPU kernels are slow at q_len 1)."""
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """One query per request: plain matmuls grouped by KV head (SDPA's CPU kernels are slow at q_len 1)."""
     assert meta.decode_block_table is not None and meta.decode_mask is not None
     num_reqs, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[1]
+    num_kv_heads = kv_cache.shape[1] // 2
+    table = meta.decode_block_table
+    # whole blocks at a time: far fewer, larger copies than gathering token slots
+    blocks = kv_cache.view(-1, meta.block_size, *kv_cache.shape[1:]).index_select(0, table.reshape(-1))
+    kv = blocks.view(num_reqs, -1, *kv_cache.shape[1:]).transpose(1, 2)  # [D, 2*kv, L, hd]
+    k, v = kv[:, :num_kv_heads], kv[:, num_kv_heads:]
     qg = q.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [D, kv, group, hd]
-    k = _gather_blocks(k_cache, meta.decode_block_table, meta.block_size).permute(0, 2, 3, 1)  # [D, kv, hd, L]
-    v = _gather_blocks(v_cache, meta.decode_block_table, meta.block_size).transpose(1, 2)  # [D, kv, L, hd]
-    scores = torch.matmul(qg, k).mul_(head_dim**-0.5).add_(meta.decode_mask)  # [D, kv, group, L]
+    scores = torch.matmul(qg, k.transpose(2, 3)).mul_(head_dim**-0.5).add_(meta.decode_mask)
     return torch.matmul(scores.softmax(dim=-1), v).view(num_reqs, num_heads, head_dim)
 
 
-def _prefill_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: PrefillSpan
-) -> torch.Tensor:
+def _prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
     num_q = q.shape[0]
-    k = _gather(k_cache, span.context_slots).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, C, hd]
-    v = _gather(v_cache, span.context_slots).transpose(0, 1).unsqueeze(0)
+    num_kv_heads = kv_cache.shape[1] // 2
+    kv = kv_cache.index_select(0, span.context_slots).transpose(0, 1).unsqueeze(0)  # [1, 2*kv, C, hd]
+    k, v = kv[:, :num_kv_heads], kv[:, num_kv_heads:]
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, heads, Q, hd]
     if span.is_first_chunk:
         o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, enable_gqa=True)

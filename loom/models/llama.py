@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.models.attention import AttentionMetadata, paged_attention, write_kv
+from loom.models.attention import AttentionMetadata, paged_attention
 from loom.models.config import ModelConfig
 
 
@@ -21,17 +21,18 @@ class RotaryEmbedding:
     def __init__(self, head_dim: int, theta: float, max_positions: int, dtype: torch.dtype) -> None:
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos = emb.cos().to(dtype)  # [max_positions, head_dim]
-        self.sin = emb.sin().to(dtype)
+        self.cos = torch.cat([freqs, freqs], dim=-1).cos().to(dtype)  # [max_positions, head_dim]
+        # rotate_half(x) * sin == roll(x, half) * [-sin | sin]: one roll instead of slice, neg, cat
+        self.signed_sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1).to(dtype)
         self.half = head_dim // 2
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # [T, 1, hd]
+        return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)  # [T, 1, hd]
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x[..., : self.half], x[..., self.half :]
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    def apply_(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+        """Rotates `x` (`[T, heads, hd]`, may be a view) in place."""
+        rotated = x.roll(self.half, dims=-1)
+        x.mul_(cos).addcmul_(rotated, signed_sin)
 
 
 class DecoderLayer(nn.Module):
@@ -53,18 +54,16 @@ class DecoderLayer(nn.Module):
         hidden: torch.Tensor,  # [T, hidden]
         rope: RotaryEmbedding,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
-        kv: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         x = F.rms_norm(hidden, (hidden.shape[-1],), self.input_norm, self.eps)
         qkv = self.qkv_proj(x).view(num_tokens, -1, self.head_dim)  # [T, heads + 2*kv_heads, hd]
         # q and k share one RoPE call: they are the leading heads of the fused projection
-        qk = rope.apply(qkv[:, : self.num_heads + self.num_kv_heads], *cos_sin)
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        v = qkv[:, self.num_heads + self.num_kv_heads :]
-        write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
-        attn = paged_attention(q, kv[0], kv[1], meta).reshape(num_tokens, -1)
+        rope.apply_(qkv[:, : self.num_heads + self.num_kv_heads], *cos_sin)
+        q, kv_new = qkv[:, : self.num_heads], qkv[:, self.num_heads :]
+        attn = paged_attention(q, kv_new, kv_cache, meta).reshape(num_tokens, -1)
         hidden = hidden + self.o_proj(attn)
         x = F.rms_norm(hidden, (hidden.shape[-1],), self.post_attn_norm, self.eps)
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -86,7 +85,7 @@ class LlamaModel(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
         logits_indices: torch.Tensor,  # [R] which tokens' hidden states become logits
     ) -> torch.Tensor:  # [R, vocab] in float32

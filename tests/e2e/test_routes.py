@@ -25,17 +25,12 @@ def test_chat_path_aliases_answer_the_same(base_url: str, path: str) -> None:
     assert resp.headers["x-request-id"] == data["id"]
 
 
-def test_api_v1_alias_works_with_the_sdk(server_url_api: str) -> None:
-    with openai.OpenAI(base_url=server_url_api, api_key="x", max_retries=0, timeout=120) as c:
+def test_api_v1_alias_works_with_the_sdk(base_url: str) -> None:
+    with openai.OpenAI(base_url=f"{base_url}/api/v1", api_key="x", max_retries=0, timeout=120) as c:
         resp = c.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
         )
     assert resp.usage is not None and resp.usage.completion_tokens == 3
-
-
-@pytest.fixture
-def server_url_api(base_url: str) -> str:
-    return f"{base_url}/api/v1"
 
 
 def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
