@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ import uvicorn
 from openai.types.chat import ChatCompletion
 
 from loom.api.app import ServerConfig, create_app
-from loom.engine import AsyncEngine, EngineConfig, build_engine
+from loom.engine import AsyncEngine, EngineConfig, EngineError, build_engine
 from loom.models.default import default_model_path
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -62,22 +63,17 @@ def _wait_healthy(base_url: str, thread: threading.Thread) -> None:
     raise TimeoutError(f"{base_url}/health did not answer 200 within {STARTUP_TIMEOUT_S} s")
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[LiveServer]:
+@contextmanager
+def serve(**engine_fields: Any) -> Iterator[LiveServer]:
+    """Builds an engine of the default model (float32, `engine_fields` over the suite's defaults)
+    and serves it on a free port until the block ends."""
     model_path = str(default_model_path())
-    engine = build_engine(
-        EngineConfig(
-            model_path=model_path,
-            served_model_name=MODEL,
-            dtype="float32",
-            max_model_len=MAX_MODEL_LEN,
-            kv_cache_gib=0.25,
-        )
-    )
+    fields: dict[str, Any] = {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "kv_cache_gib": 0.25, **engine_fields}
+    engine = build_engine(EngineConfig(model_path=model_path, served_model_name=MODEL, **fields))
     app = create_app(ServerConfig(served_model_name=MODEL, model_path=model_path), engine)
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=lambda: asyncio.run(uv.serve()), name="loom-e2e-server", daemon=True)
+    thread = threading.Thread(target=lambda: asyncio.run(uv.serve()), name=f"loom-e2e-server-{port}", daemon=True)
     thread.start()
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -86,6 +82,18 @@ def server() -> Iterator[LiveServer]:
     finally:
         uv.should_exit = True
         thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[LiveServer]:
+    with serve() as live:
+        yield live
+
+
+@pytest.fixture(scope="session")
+def start_server() -> Callable[..., AbstractContextManager[LiveServer]]:
+    """For a module that needs a second server with a different engine shape."""
+    return serve
 
 
 @pytest.fixture(scope="session")
@@ -160,6 +168,15 @@ def greedy(chat: Callable[..., ChatCompletion]) -> Callable[..., ChatCompletion]
     return solo
 
 
+def _force_drop_everything(engine: AsyncEngine) -> None:
+    """After a leak: abort every request in the core and end every open stream the way a failed
+    engine step does, so that one leaking test does not fail every test after it."""
+    for req_id in list(engine.core.scheduler.requests):
+        engine._commands.put(("abort", req_id))
+    assert engine._loop is not None
+    engine._loop.call_soon_threadsafe(engine._fail_streams, EngineError("dropped by the e2e test teardown"))
+
+
 @pytest.fixture(autouse=True)
 def _engine_left_idle(request: pytest.FixtureRequest) -> Iterator[None]:
     """Every test against the shared server must leave it with no request and every block free."""
@@ -169,8 +186,13 @@ def _engine_left_idle(request: pytest.FixtureRequest) -> Iterator[None]:
     wait = request.getfixturevalue("wait_idle")
     engine = request.getfixturevalue("engine")
     yield
+    if wait(IDLE_TIMEOUT_S):
+        return
     sched = engine.core.scheduler
-    assert wait(IDLE_TIMEOUT_S), (
+    leak = (
         f"engine not idle after the test: streams={engine.num_active_requests} "
         f"requests={list(sched.requests)} free_blocks={sched.kv.num_free_blocks}/{sched.kv.pool.num_blocks}"
     )
+    _force_drop_everything(engine)
+    wait(IDLE_TIMEOUT_S)
+    pytest.fail(leak)

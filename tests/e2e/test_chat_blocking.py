@@ -82,9 +82,7 @@ def test_max_completion_tokens_wins_over_max_tokens(chat: Callable[..., ChatComp
     assert resp.usage is not None and resp.usage.completion_tokens == 7
 
 
-def test_min_tokens_holds_off_eos(
-    chat: Callable[..., ChatCompletion], greedy: Callable[..., ChatCompletion]
-) -> None:
+def test_min_tokens_holds_off_eos(chat: Callable[..., ChatCompletion], greedy: Callable[..., ChatCompletion]) -> None:
     natural = greedy(CAPITAL)
     assert natural.choices[0].finish_reason == "stop"  # the premise: it ends early on its own
     assert natural.usage is not None

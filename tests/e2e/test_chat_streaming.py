@@ -73,9 +73,7 @@ async def test_include_usage_sends_a_final_usage_chunk(
 ) -> None:
     blocking = greedy(PROMPTS[1])
     async with async_client() as ac:
-        chunks = await collect(
-            ac, PROMPTS[1], temperature=0, max_tokens=32, stream_options={"include_usage": True}
-        )
+        chunks = await collect(ac, PROMPTS[1], temperature=0, max_tokens=32, stream_options={"include_usage": True})
     last = chunks[-1]
     assert last.choices == []
     assert last.usage is not None

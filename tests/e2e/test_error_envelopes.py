@@ -160,7 +160,14 @@ def test_unknown_route_is_404_envelope(http: httpx.Client) -> None:
 
 def test_duplicate_request_id_in_flight_is_rejected_not_crashed(http: httpx.Client, base_url: str) -> None:
     """A second request reusing a running request's id must get a 4xx, and the first must be unharmed."""
-    body = {"model": MODEL, "messages": USER, "max_tokens": 24, "ignore_eos": True, "stream": True, "request_id": "e2e-dup"}
+    body = {
+        "model": MODEL,
+        "messages": USER,
+        "max_tokens": 24,
+        "ignore_eos": True,
+        "stream": True,
+        "request_id": "e2e-dup",
+    }
     with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=120) as first:
         lines = (line for line in first.iter_lines() if line)
         head = [next(lines) for _ in range(3)]  # role, then two tokens: the first is running now

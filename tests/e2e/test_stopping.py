@@ -68,7 +68,12 @@ async def test_streamed_stop_string_never_leaks_into_a_chunk(
     stop = stop_phrase(full)
     async with async_client() as ac:
         stream = await ac.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": PROMPT}], temperature=0, max_tokens=32, stream=True, stop=stop
+            model=MODEL,
+            messages=[{"role": "user", "content": PROMPT}],
+            temperature=0,
+            max_tokens=32,
+            stream=True,
+            stop=stop,
         )
         chunks = [chunk async for chunk in stream]
     deltas = [c.delta.content or "" for chunk in chunks for c in chunk.choices]

@@ -256,6 +256,12 @@ def test_min_tokens_delays_eos_and_stop_token_ids() -> None:
     assert results[-1].finish_reason == "stop" and results[-1].stop_reason == 42
 
 
+def test_eos_on_the_last_allowed_token_is_a_stop_not_length() -> None:
+    req = make_request("a", max_tokens=2)
+    results = run_to_finish(make_scheduler(), req, [TOKEN, EOS])
+    assert results[-1].finish_reason == "stop"
+
+
 def test_max_model_len_finishes_with_length() -> None:
     req = make_request("a", 5, max_tokens=100)
     results = run_to_finish(make_scheduler(max_model_len=8), req, [TOKEN] * 10)
