@@ -63,7 +63,11 @@ def serve(args: argparse.Namespace) -> int:
             bar.n = done
             bar.refresh()
 
-        engine = build_engine(config, progress)
+        try:
+            engine = build_engine(config, progress)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"loom: error: {exc}", file=sys.stderr)
+            return 2
     app = create_app(ServerConfig(served_model_name=name, model_path=model_path), engine)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
 
@@ -78,7 +82,10 @@ def serve(args: argparse.Namespace) -> int:
         await server.serve()
         waiter.cancel()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it already handled by shutting down
+        pass
     return 0
 
 

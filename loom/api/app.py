@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -19,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from loom.api.convert import to_chat_request
 from loom.api.errors import APIError, BadRequestError, install_error_handlers, model_not_found
+from loom.api.middleware import RequestIdMiddleware
 from loom.api.protocol import ChatCompletionRequest
 from loom.api.protocol_response import ModelCard, ModelList
 from loom.api.render import ChunkWriter, completion_response
@@ -48,12 +48,7 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
     app = FastAPI(title="Loom", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def request_id_header(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        request.state.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        response = await call_next(request)
-        response.headers.setdefault("x-request-id", request.state.request_id)
-        return response
+    app.add_middleware(RequestIdMiddleware)
 
     @app.get("/health")
     async def health() -> Response:
@@ -69,7 +64,7 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         if body.model is not None and body.model != config.served_model_name:
             raise model_not_found(body.model)
-        chat_req = to_chat_request(body)
+        chat_req = to_chat_request(body, request.headers.get("x-request-id"))
         headers = {"x-request-id": chat_req.request_id}
         try:
             if body.stream:

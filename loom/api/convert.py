@@ -14,12 +14,13 @@ _TEXT_PART_TYPES = frozenset({"text"})
 _SKIPPED_PART_TYPES = frozenset({"thinking", "refusal"})  # earlier turns' side channels, not prompt text
 
 
-def to_chat_request(req: ChatCompletionRequest) -> ChatRequest:
+def to_chat_request(req: ChatCompletionRequest, header_request_id: str | None = None) -> ChatRequest:
+    """`request_id` comes from the body, else the `x-request-id` header, else a fresh one."""
     unsupported = unsupported_fields(req)
     if unsupported:
         raise unsupported_parameters(unsupported)
     return ChatRequest(
-        request_id=req.request_id or random_id("chatcmpl"),
+        request_id=req.request_id or header_request_id or random_id("chatcmpl"),
         messages=tuple(_message(i, m) for i, m in enumerate(req.messages)),
         sampling=_sampling_params(req),
         n=req.n or 1,

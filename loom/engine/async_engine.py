@@ -46,6 +46,7 @@ class EngineError(RuntimeError):
 class _Stream:
     detok: IncrementalDetokenizer
     queue: asyncio.Queue[RequestOutput | EngineError]
+    include_stop_token: bool
     num_output_tokens: int = 0
     finished: bool = False
 
@@ -89,7 +90,7 @@ class AsyncEngine:
             skip_special_tokens=params.skip_special_tokens,
             spaces_between_special_tokens=params.spaces_between_special_tokens,
         )
-        stream = _Stream(detok, asyncio.Queue())
+        stream = _Stream(detok, asyncio.Queue(), params.include_stop_str_in_output)
         self._streams[req_id] = stream
         self._commands.put(("add", EngineRequest(req_id, tuple(prompt_ids), params)))
         try:
@@ -156,7 +157,10 @@ class AsyncEngine:
 
     def _to_request_output(self, out: CoreOutput, stream: _Stream) -> RequestOutput:
         stream.num_output_tokens += len(out.new_token_ids)
-        delta = stream.detok.update(out.new_token_ids)
+        text_ids = out.new_token_ids
+        if out.finish_reason == "stop" and not stream.include_stop_token:
+            text_ids = text_ids[:-1]  # the EOS / stop token ended it: counted in usage, not shown as text
+        delta = stream.detok.update(text_ids)
         finish_reason, stop_reason = out.finish_reason, out.stop_reason
         text = delta.text
         if delta.stop_str is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 from loom.engine import AsyncEngine, RequestOutput, SamplingParams
@@ -48,9 +49,12 @@ class ChatService:
         return [dataclasses.replace(req.sampling, seed=seed + i) for i in range(req.n)]
 
     def _streams(self, req: ChatRequest, prompt_ids: list[int]) -> list[AsyncIterator[RequestOutput]]:
-        params = self._choice_params(req)
-        suffix = [f"-{i}" for i in range(req.n)] if req.n > 1 else [""]
-        return [self.engine.generate(req.request_id + s, prompt_ids, p) for s, p in zip(suffix, params, strict=True)]
+        # engine ids are unique even when clients reuse a request_id (as vLLM allows)
+        nonce = uuid.uuid4().hex[:8]
+        return [
+            self.engine.generate(f"{req.request_id}-{i}-{nonce}", prompt_ids, p)
+            for i, p in enumerate(self._choice_params(req))
+        ]
 
     async def complete(self, req: ChatRequest) -> ChatResult:
         prompt_ids = self.tokenize_prompt(req)

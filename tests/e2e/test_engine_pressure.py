@@ -55,7 +55,10 @@ async def test_chunked_prefill_and_preemption_keep_greedy_output(
 
     def watch() -> None:
         while not done.is_set():
-            preempted.update(r.req_id for r in list(sched.waiting) if r.status == RequestStatus.PREEMPTED)
+            try:
+                preempted.update(r.req_id for r in list(sched.waiting) if r.status == RequestStatus.PREEMPTED)
+            except RuntimeError:  # the core thread changed the queue mid-copy: look again
+                pass
             time.sleep(0.002)
 
     watcher = threading.Thread(target=watch, daemon=True)
