@@ -33,8 +33,9 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.dtype = dtype
-        shape = (num_blocks * block_size, 2 * cfg.num_kv_heads, cfg.head_dim)  # K heads, then V heads
+        shape = (2 * cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)  # K heads, then V heads
         self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.head_offsets = (torch.arange(2 * cfg.num_kv_heads) * num_blocks).unsqueeze(1)  # [2*kv, 1]
         self.forward_fn: Callable[..., torch.Tensor] = model.forward
 
     def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
@@ -62,8 +63,8 @@ class ModelRunner:
             if first + n == req.num_tokens:
                 sampling_reqs.append(req)
                 logits_idx.append(start + n - 1)
-        decode_table, decode_mask = self._decode_context(decodes)
-        meta = AttentionMetadata(_long(slots), self.block_size, len(decodes), decode_table, decode_mask, tuple(spans))
+        decode_gather, decode_mask = self._decode_context(decodes)
+        meta = AttentionMetadata(_long(slots), self.block_size, len(decodes), decode_gather, decode_mask, tuple(spans))
         return ModelInput(_long(ids), _long(positions), meta, _long(logits_idx), sampling_reqs)
 
     def _slot(self, req: Request, position: int) -> int:
@@ -75,16 +76,18 @@ class ModelRunner:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def _decode_context(self, decodes: list[Request]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Block table of every decode request (padded) and the additive mask of its valid tokens."""
+        """Cache rows to gather for every decode request (blocks padded with 0) and the additive mask of valid tokens."""
         if not decodes:
             return None, None
         context_lens = torch.tensor([req.num_computed_tokens + 1 for req in decodes])
         max_blocks = -(-int(context_lens.max()) // self.block_size)
         table = torch.tensor([_padded(req.block_ids[:max_blocks], max_blocks) for req in decodes])
+        # row of (head h, block b) in the cache viewed as [2*kv_heads * num_blocks, block_size * head_dim]
+        gather = (self.head_offsets + table.reshape(1, -1)).reshape(-1)
         pos = torch.arange(max_blocks * self.block_size)
-        valid = (pos.unsqueeze(0) < context_lens.unsqueeze(1)).view(len(decodes), 1, 1, -1)
+        valid = (pos.unsqueeze(0) < context_lens.unsqueeze(1)).view(len(decodes), 1, -1)
         mask = torch.zeros(valid.shape, dtype=self.dtype).masked_fill_(~valid, float("-inf"))
-        return table, mask
+        return gather, mask
 
 
 def _padded(block_ids: list[int], length: int) -> list[int]:

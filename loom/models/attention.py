@@ -8,9 +8,10 @@ Token layout of one step (the runner builds it):
     | decode tokens: one per request | prefill chunk of req A | prefill chunk of req B | ...
       num_decode_tokens                 prefill_spans[0]         prefill_spans[1]
 
-KV cache per layer: one tensor `[num_slots, 2 * num_kv_heads, head_dim]`, K heads then V heads,
-slot = block_id * block_size + offset. K and V side by side mean one write and one gather per
-layer instead of two.
+KV cache per layer: one tensor `[2 * num_kv_heads, num_slots, head_dim]`, K heads then V heads,
+slot = block_id * block_size + offset. K and V in one tensor mean one write and one gather per
+layer; heads outermost mean a gathered context is already in the `[heads, reqs, tokens, head_dim]`
+layout the batched matmuls read, so nothing is copied a second time.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
     block_size: int
     num_decode_tokens: int
-    decode_block_table: torch.Tensor | None  # [num_decodes, max_blocks] blocks to read, padded with 0
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_context] additive: 0 valid, -inf padding
+    decode_gather: torch.Tensor | None  # [2*kv_heads * num_decodes * max_blocks] rows of the cache's block view
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, max_context] additive: 0 valid, -inf padding
     prefill_spans: tuple[PrefillSpan, ...]
 
 
@@ -45,7 +46,7 @@ def paged_attention(
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    kv_cache.index_copy_(0, meta.slot_mapping, kv_new)
+    kv_cache.index_copy_(1, meta.slot_mapping, kv_new.transpose(0, 1))
     nd = meta.num_decode_tokens
     if not meta.prefill_spans:
         return _decode_attention(q, kv_cache, meta)
@@ -58,24 +59,24 @@ def paged_attention(
 
 
 def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """One query per request: plain matmuls grouped by KV head (SDPA's CPU kernels are slow at q_len 1)."""
-    assert meta.decode_block_table is not None and meta.decode_mask is not None
+    """One query per request: batched matmuls grouped by KV head (SDPA's CPU kernels are slow at q_len 1)."""
+    assert meta.decode_gather is not None and meta.decode_mask is not None
     num_reqs, num_heads, head_dim = q.shape
-    num_kv_heads = kv_cache.shape[1] // 2
-    table = meta.decode_block_table
-    # whole blocks at a time: far fewer, larger copies than gathering token slots
-    blocks = kv_cache.view(-1, meta.block_size, *kv_cache.shape[1:]).index_select(0, table.reshape(-1))
-    kv = blocks.view(num_reqs, -1, *kv_cache.shape[1:]).transpose(1, 2)  # [D, 2*kv, L, hd]
-    k, v = kv[:, :num_kv_heads], kv[:, num_kv_heads:]
-    qg = q.view(num_reqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [D, kv, group, hd]
-    scores = torch.matmul(qg, k.transpose(2, 3)).mul_(head_dim**-0.5).add_(meta.decode_mask)
-    return torch.matmul(scores.softmax(dim=-1), v).view(num_reqs, num_heads, head_dim)
+    num_kv_heads = kv_cache.shape[0] // 2
+    # whole blocks of every head in one dim-0 gather: few, large, contiguous copies
+    blocks = kv_cache.view(-1, meta.block_size * head_dim).index_select(0, meta.decode_gather)
+    kv = blocks.view(kv_cache.shape[0], num_reqs, -1, head_dim)  # [2*kv, D, L, hd]
+    k, v = kv[:num_kv_heads], kv[num_kv_heads:]
+    qg = q.view(num_reqs, num_kv_heads, -1, head_dim).transpose(0, 1)  # [kv, D, group, hd]
+    scores = torch.matmul(qg, k.transpose(2, 3)).mul_(head_dim**-0.5).add_(meta.decode_mask)  # [kv, D, group, L]
+    out = torch.matmul(scores.softmax(dim=-1), v)  # [kv, D, group, hd]
+    return out.transpose(0, 1).reshape(num_reqs, num_heads, head_dim)
 
 
 def _prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
     num_q = q.shape[0]
-    num_kv_heads = kv_cache.shape[1] // 2
-    kv = kv_cache.index_select(0, span.context_slots).transpose(0, 1).unsqueeze(0)  # [1, 2*kv, C, hd]
+    num_kv_heads = kv_cache.shape[0] // 2
+    kv = kv_cache.index_select(1, span.context_slots).unsqueeze(0)  # [1, 2*kv, C, hd]
     k, v = kv[:, :num_kv_heads], kv[:, num_kv_heads:]
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, heads, Q, hd]
     if span.is_first_chunk:
