@@ -10,6 +10,7 @@ import torch
 from loom.models.config import ModelConfig
 from loom.models.llama import LlamaModel
 from loom.models.loader import load_weights
+from loom.models.packed_linear import can_pack, pack_linears
 
 _ARCHITECTURES: dict[str, Callable[[ModelConfig, torch.dtype], LlamaModel]] = {"llama": LlamaModel}
 
@@ -24,4 +25,6 @@ def load_model(
     with torch.device("cpu"):
         model = build(weights.config, dtype).to(dtype)
     model.load_hf_tensors(weights.tensors)
+    if can_pack(dtype, torch.device("cpu")):
+        pack_linears(model)
     return model.eval()
