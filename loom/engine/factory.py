@@ -32,19 +32,25 @@ def num_kv_blocks(config: EngineConfig, num_layers: int, num_kv_heads: int, head
 
 
 def build_engine(config: EngineConfig, progress: Callable[[int, int], None] | None = None) -> AsyncEngine:
-    torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
-    model = load_model(config.model_path, config.torch_dtype, progress)
+    """Loads the tokenizer here and the model on the engine's own thread; returns a ready engine."""
     tokenizer = load_tokenizer(config.model_path)
-    cfg = model.config
-    max_model_len = resolve_max_model_len(config, cfg.max_position_embeddings)
-    num_blocks = num_kv_blocks(config, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
-    if num_blocks * config.block_size < max_model_len:
-        raise ValueError(
-            f"a KV cache of {config.kv_cache_gib} GiB holds {num_blocks * config.block_size} tokens, "
-            f"fewer than one request of --max-model-len {max_model_len}: raise --kv-cache-gib or lower --max-model-len"
-        )
-    kv = KVCacheManager(num_blocks, config.block_size)
-    sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len)
-    runner = ModelRunner(model, num_blocks, config.block_size, config.torch_dtype)
-    core = EngineCore(Scheduler(sched_cfg, kv), runner, tokenizer.eos_token_id)
-    return AsyncEngine(core, tokenizer, max_model_len)
+
+    def build_core() -> EngineCore:
+        torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        model = load_model(config.model_path, config.torch_dtype, progress)
+        cfg = model.config
+        max_model_len = resolve_max_model_len(config, cfg.max_position_embeddings)
+        num_blocks = num_kv_blocks(config, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+        if num_blocks * config.block_size < max_model_len:
+            raise ValueError(
+                f"a KV cache of {config.kv_cache_gib} GiB holds {num_blocks * config.block_size} tokens, fewer than "
+                f"one request of --max-model-len {max_model_len}: raise --kv-cache-gib or lower --max-model-len"
+            )
+        kv = KVCacheManager(num_blocks, config.block_size)
+        sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len)
+        runner = ModelRunner(model, num_blocks, config.block_size, config.torch_dtype)
+        return EngineCore(Scheduler(sched_cfg, kv), runner, tokenizer.eos_token_id)
+
+    engine = AsyncEngine(build_core, tokenizer)
+    engine.start_core()
+    return engine
