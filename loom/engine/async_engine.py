@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from loom.engine.core import EngineCore
 from loom.engine.detokenizer import IncrementalDetokenizer
+from loom.engine.logprobs import TokenLogprob
 from loom.engine.request import EngineRequest
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.scheduler import CoreOutput
@@ -36,6 +37,9 @@ class RequestOutput:
     stop_reason: str | int | None  # the stop string or stop token id that ended it
     num_prompt_tokens: int
     num_output_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per new token id
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # on the first output only
+    num_cached_tokens: int = 0
 
 
 class EngineError(RuntimeError):
@@ -114,7 +118,14 @@ class AsyncEngine:
     def num_active_requests(self) -> int:
         return len(self._streams)
 
-    async def generate(self, req_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self,
+        req_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
         if req_id in self._streams:
             raise ValueError(f"request id {req_id!r} is already running")
         detok = IncrementalDetokenizer(
@@ -126,7 +137,7 @@ class AsyncEngine:
         )
         stream = _Stream(detok, asyncio.Queue(), params.include_stop_str_in_output)
         self._streams[req_id] = stream
-        self._commands.put(("add", EngineRequest(req_id, tuple(prompt_ids), params)))
+        self._commands.put(("add", EngineRequest(req_id, tuple(prompt_ids), params, priority, cache_salt)))
         try:
             while True:
                 item = await stream.queue.get()
@@ -207,4 +218,5 @@ class AsyncEngine:
         return RequestOutput(
             out.req_id, out.new_token_ids, text, stream.finished, finish_reason, stop_reason,
             out.num_prompt_tokens, stream.num_output_tokens,
+            out.logprobs, out.prompt_logprobs, out.num_cached_tokens,
         )

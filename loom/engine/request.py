@@ -52,6 +52,8 @@ class EngineRequest:
     req_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
+    priority: int = 0  # lower is served first (under the priority scheduling policy)
+    cache_salt: str | None = None  # prefix-cache blocks are shared only between equal salts
 
 
 class Request:
@@ -60,6 +62,8 @@ class Request:
         self.prompt_ids = list(submitted.prompt_ids)
         self.output_ids: list[int] = []
         self.params = submitted.params
+        self.priority = submitted.priority
+        self.cache_salt = submitted.cache_salt
         self.eos_token_id = eos_token_id
         self.status = RequestStatus.WAITING
         self.stop_reason: int | None = None  # the stop token id that ended it, if any

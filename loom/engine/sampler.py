@@ -1,7 +1,8 @@
 """Batched sampler: one token per row of logits, every parameter a tensor op over the batch.
 
 Order of operations (each step skipped when no row in the batch needs it):
-  1. min_tokens: EOS and stop token ids are banned for rows below their min_tokens
+  1. min_tokens: EOS and stop token ids are banned for rows below their min_tokens; then the
+     penalties, biases and masks of `logits_processors` (in place)
   2. greedy rows take the argmax of the (masked) logits
   3. temperature scaling (greedy rows divided by 1, their result is already fixed)
   4. top_k, then top_p, over one descending sort of the logits
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from loom.engine.logits_processors import apply_logits_processors
 from loom.engine.request import Request
 
 _NEG_INF = float("-inf")
@@ -27,6 +29,7 @@ class Sampler:
         if not reqs:
             return []
         self._apply_min_tokens(logits, reqs)
+        apply_logits_processors(logits, reqs)
         greedy = torch.tensor([r.params.greedy for r in reqs])
         if bool(greedy.all()):
             return logits.argmax(dim=-1).tolist()

@@ -24,6 +24,16 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # penalties and masks (see loom/engine/logits_processors.py for their order and semantics)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token_id, bias in -100..100)
+    allowed_token_ids: tuple[int, ...] | None = None  # None = every token allowed
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # token sequences that must never be completed
+    # reporting
+    logprobs: int | None = None  # None = off; k >= 0 = the sampled token's logprob plus the top k
+    prompt_logprobs: int | None = None  # None = off; k >= 0 = per prompt token, plus the top k
 
     def __post_init__(self) -> None:
         # the API validates user input; these guard engine callers (tests, bench, future front-ends)

@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from loom.engine.kv_cache import KVCacheManager
+from loom.engine.logprobs import TokenLogprob
 from loom.engine.request import Request, RequestStatus
 
 
@@ -42,6 +43,9 @@ class CoreOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | None  # the stop token id that ended the request
     num_prompt_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per new token, when params.logprobs is set
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # with the first output only; [0] is None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 class Scheduler:
