@@ -30,6 +30,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="memory for the paged KV cache")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    p.add_argument(
+        "--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+        help="fcfs: arrival order; priority: lower `priority` first, and preempted first when lower",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -54,6 +58,7 @@ def serve(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         kv_cache_gib=args.kv_cache_gib,
         num_threads=args.threads,
+        scheduling_policy=args.scheduling_policy,
     )
     print(f"loom: loading {name} from {model_path} ({args.dtype})", flush=True)
     with tqdm(total=0, desc="loading weights", unit="tensor", file=sys.stderr) as bar:

@@ -104,6 +104,10 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.core.scheduler.config.max_model_len
 
+    @property
+    def scheduling_policy(self) -> str:
+        return self.core.scheduler.config.policy
+
     def shutdown(self) -> None:
         if self._thread is not None:
             self._commands.put(("stop", None))

@@ -20,6 +20,7 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_gib: float = 1.0
     num_threads: int | None = None  # None = every core
+    scheduling_policy: str = "fcfs"  # "fcfs" | "priority" (lower `priority` value served first)
 
     @property
     def torch_dtype(self) -> torch.dtype:

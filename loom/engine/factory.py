@@ -47,7 +47,9 @@ def build_engine(config: EngineConfig, progress: Callable[[int, int], None] | No
                 f"one request of --max-model-len {max_model_len}: raise --kv-cache-gib or lower --max-model-len"
             )
         kv = KVCacheManager(num_blocks, config.block_size)
-        sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len)
+        sched_cfg = SchedulerConfig(
+            config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.scheduling_policy
+        )
         runner = ModelRunner(model, num_blocks, config.block_size, config.torch_dtype)
         return EngineCore(Scheduler(sched_cfg, kv), runner, tokenizer.eos_token_id)
 

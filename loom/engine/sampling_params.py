@@ -10,6 +10,15 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
+class RepetitionDetection:
+    """End generation once the output's tail repeats a pattern of min..max tokens `min_count` times."""
+
+    max_pattern_size: int
+    min_pattern_size: int = 1
+    min_count: int = 2
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingParams:
     max_tokens: int | None = None  # None = until the context window is full
     temperature: float = 1.0  # 0 = greedy
@@ -34,6 +43,7 @@ class SamplingParams:
     # reporting
     logprobs: int | None = None  # None = off; k >= 0 = the sampled token's logprob plus the top k
     prompt_logprobs: int | None = None  # None = off; k >= 0 = per prompt token, plus the top k
+    repetition_detection: RepetitionDetection | None = None
 
     def __post_init__(self) -> None:
         # the API validates user input; these guard engine callers (tests, bench, future front-ends)

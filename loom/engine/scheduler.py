@@ -24,6 +24,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int = 8192
+    policy: str = "fcfs"  # "fcfs" | "priority"
 
 
 @dataclass(slots=True)
