@@ -31,8 +31,9 @@ from typing import Any
 import httpx
 
 if __package__:
-    from . import hf_baseline
+    from . import extras, hf_baseline
 else:  # run as a script: bench/ itself is sys.path[0]
+    import extras  # type: ignore[no-redef]
     import hf_baseline  # type: ignore[no-redef]
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -98,6 +99,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=128, help="user text, before template")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--skip-loom", action="store_true")
+    parser.add_argument("--skip-extras", action="store_true", help="skip the sampler-load and prefix-cache runs")
     parser.add_argument("--url", default=None, help="benchmark a running server, start none")
     parser.add_argument("--server-arg", action="append", default=[], help=SERVER_ARG_HELP)
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds for /health")
@@ -240,16 +242,22 @@ async def run_batch(client: httpx.AsyncClient, body: dict[str, Any], concurrency
     )
 
 
-async def run_loom_client(
-    url: str, prompt: str, levels: Sequence[int], max_tokens: int, timeout_s: float
-) -> list[LoomResult]:
+@dataclass(slots=True)
+class LoomRun:
+    levels: list[LoomResult] = field(default_factory=list)
+    sampler: LoomResult | None = None  # the largest level again, every request with penalties + logprobs
+    prefix_cache: extras.PrefixCacheResult | None = None
+
+
+async def run_loom_client(args: argparse.Namespace, url: str, prompt: str) -> LoomRun:
+    levels, max_tokens = args.concurrency, args.max_tokens
     limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels))
-    timeout = httpx.Timeout(timeout_s, connect=10.0)
+    timeout = httpx.Timeout(args.request_timeout, connect=10.0)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
         model_id = await fetch_model_id(client)
         log(f"loom: model id {model_id!r}; warm-up (1 request, 8 tokens)")
         await stream_chat(client, chat_body(model_id, prompt, 8))
-        results = []
+        run = LoomRun()
         for concurrency in levels:
             log(f"loom: concurrency {concurrency} x {max_tokens} tokens ...")
             result = await run_batch(client, chat_body(model_id, prompt, max_tokens), concurrency)
@@ -257,13 +265,19 @@ async def run_loom_client(
                 f"loom: concurrency {concurrency}: {result.tokens_per_s:.1f} tok/s, "
                 f"TTFT {result.mean_ttft_s * 1e3:.0f} ms, in {result.wall_s:.2f}s"
             )
-            results.append(result)
-    return results
+            run.levels.append(result)
+        if not args.skip_extras:
+            top = max(levels)
+            log(f"loom: concurrency {top} with penalties, logit_bias, logprobs (top 5) ...")
+            run.sampler = await run_batch(client, extras.sampler_body(chat_body(model_id, prompt, max_tokens)), top)
+            log("loom: prefix cache, ~1,000-token system prompt, cold vs warm ...")
+            run.prefix_cache = await extras.prefix_cache_ttft(client, model_id)
+    return run
 
 
-def run_loom(args: argparse.Namespace, prompt: str, stamp: str) -> list[LoomResult]:
-    def measure(url: str) -> list[LoomResult]:
-        return asyncio.run(run_loom_client(url, prompt, args.concurrency, args.max_tokens, args.request_timeout))
+def run_loom(args: argparse.Namespace, prompt: str, stamp: str) -> LoomRun:
+    def measure(url: str) -> LoomRun:
+        return asyncio.run(run_loom_client(args, url, prompt))
 
     if args.url:
         return measure(args.url.rstrip("/"))
@@ -310,7 +324,7 @@ def format_table(loom: Sequence[LoomResult], hf: Sequence[hf_baseline.HFResult])
 class BenchRun:
     """What one invocation gathered, filled phase by phase; `asdict` of it is the JSON report."""
 
-    loom: list[LoomResult] = field(default_factory=list)
+    loom: LoomRun = field(default_factory=LoomRun)
     hf: list[hf_baseline.HFResult] = field(default_factory=list)
     # Other work on the machine skews every number, so each phase records what it ran beside.
     load_average_1m: dict[str, float] = field(default_factory=dict)
@@ -355,10 +369,27 @@ def environment() -> dict[str, Any]:
     }
 
 
+def log_extras(loom: LoomRun) -> None:
+    plain = next((r for r in loom.levels if loom.sampler and r.concurrency == loom.sampler.concurrency), None)
+    if loom.sampler and plain:
+        ratio = loom.sampler.tokens_per_s / plain.tokens_per_s
+        log(
+            f"sampler load at {plain.concurrency} streams: {loom.sampler.tokens_per_s:.1f} tok/s "
+            f"= {ratio:.2f}x the plain run ({(1 - ratio) * 100:+.0f}% cost)"
+        )
+    if loom.prefix_cache:
+        pc = loom.prefix_cache
+        log(
+            f"prefix cache, {pc.system_prompt_tokens}-token prompt: TTFT cold {pc.cold_ttft_s * 1e3:.0f} ms, "
+            f"warm {pc.warm_ttft_s * 1e3:.0f} ms ({pc.cached_tokens} cached) = {pc.speedup:.1f}x faster warm"
+        )
+
+
 def report(run: BenchRun, args: argparse.Namespace, prompt: str, path: Path) -> None:
     log("")
-    log(format_table(run.loom, run.hf))
-    loom_prompt = run.loom[0].prompt_tokens if run.loom else "-"
+    log(format_table(run.loom.levels, run.hf))
+    log_extras(run.loom)
+    loom_prompt = run.loom.levels[0].prompt_tokens if run.loom.levels else "-"
     hf_prompt = run.hf[0].prompt_tokens if run.hf else "-"
     log(f"prompt tokens, chat template included: loom {loom_prompt}, hf {hf_prompt}")
     payload = {"args": vars(args), "environment": environment(), "prompt": prompt, **asdict(run)}
