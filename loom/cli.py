@@ -34,6 +34,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         "--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
         help="fcfs: arrival order; priority: lower `priority` first, and preempted first when lower",
     )
+    p.add_argument(
+        "--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+        help="stop sharing KV blocks of equal prompt prefixes between requests (prefix caching on: %(default)s)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -59,6 +63,7 @@ def serve(args: argparse.Namespace) -> int:
         kv_cache_gib=args.kv_cache_gib,
         num_threads=args.threads,
         scheduling_policy=args.scheduling_policy,
+        enable_prefix_caching=args.enable_prefix_caching,
     )
     print(f"loom: loading {name} from {model_path} ({args.dtype})", flush=True)
     with tqdm(total=0, desc="loading weights", unit="tensor", file=sys.stderr) as bar:

@@ -21,9 +21,10 @@ from loom.api.errors import APIError, BadRequestError, install_error_handlers, m
 from loom.api.middleware import RequestIdMiddleware
 from loom.api.protocol import ChatCompletionRequest
 from loom.api.protocol_response import ModelCard, ModelList
-from loom.api.render import ChunkWriter, completion_response
+from loom.api.render import ChunkOptions, ChunkWriter, completion_response
 from loom.engine import AsyncEngine
 from loom.serving.chat import ChatService
+from loom.serving.prepare import PreparedChat
 from loom.serving.types import InvalidRequest
 
 T = TypeVar("T")
@@ -67,35 +68,42 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
         chat_req = to_chat_request(body, request.headers.get("x-request-id"))
         headers = {"x-request-id": chat_req.request_id}
         try:
-            if body.stream:
-                return await _stream(chat, chat_req, body, headers)
-            result = await _unless_disconnected(request, chat.complete(chat_req))
+            prepared = chat.prepare(chat_req)  # errors here still get a plain 4xx, not a broken stream
         except InvalidRequest as exc:
             raise _as_api_error(exc) from exc
+        if body.stream:
+            return _stream(chat, prepared, body, headers)
+        result = await _unless_disconnected(request, chat.complete(prepared))
         if result is None:
             return Response(status_code=499)
-        return JSONResponse(completion_response(result, config.served_model_name).model_dump(), headers=headers)
+        response = completion_response(result, config.served_model_name, chat_req.report)
+        return JSONResponse(response.model_dump(), headers=headers)
 
     for path in CHAT_PATHS:
         app.post(path, include_in_schema=path == CHAT_PATHS[0])(chat_completions)
     return app
 
 
-async def _stream(chat: ChatService, chat_req, body: ChatCompletionRequest, headers: dict[str, str]) -> Response:  # type: ignore[no-untyped-def]
-    prompt_ids = chat.tokenize_prompt(chat_req)  # errors here still get a plain 4xx, not a broken stream
+def _stream(
+    chat: ChatService, prepared: PreparedChat, body: ChatCompletionRequest, headers: dict[str, str]
+) -> Response:
     opts = body.stream_options
+    chat_req = prepared.req
     writer = ChunkWriter(
         chat_req.request_id,
         chat.model_name,
         int(time.time()),
-        include_usage=bool(opts and opts.include_usage),
-        continuous_usage=bool(opts and opts.continuous_usage_stats),
+        ChunkOptions(
+            include_usage=bool(opts and opts.include_usage),
+            continuous_usage=bool(opts and opts.continuous_usage_stats),
+            report=chat_req.report,
+        ),
     )
 
     async def events() -> AsyncIterator[str]:
-        deltas = chat.stream(chat_req, prompt_ids)
+        deltas = chat.stream(prepared)
         try:
-            async for line in writer.write(chat_req.n, deltas, len(prompt_ids)):
+            async for line in writer.write(chat_req.n, deltas, prepared.prompt_ids):
                 yield line
         finally:  # a client that left cancels this generator: close the engine streams now
             await deltas.aclose()  # type: ignore[attr-defined]

@@ -1,4 +1,8 @@
-"""The one converter from the wire's `ChatCompletionRequest` to serving's `ChatRequest`."""
+"""The one converter from the wire's `ChatCompletionRequest` to serving's `ChatRequest`.
+
+Checks that need no tokenizer or engine end here (a 422 naming the field); the vocabulary,
+context window and scheduling policy are serving's to check.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from loom.api.errors import UnprocessableEntityError, unsupported_parameters
 from loom.api.protocol import ChatCompletionRequest, resolved_max_tokens, unsupported_fields
 from loom.api.protocol_response import random_id
 from loom.engine import SamplingParams
-from loom.serving.types import ChatMessage, ChatRequest, TemplateOptions
+from loom.engine.sampling_params import RepetitionDetection
+from loom.serving.types import ChatMessage, ChatRequest, ReportOptions, SearchOptions, TemplateOptions
 
 _TEXT_PART_TYPES = frozenset({"text"})
 _SKIPPED_PART_TYPES = frozenset({"thinking", "refusal"})  # earlier turns' side channels, not prompt text
@@ -19,6 +24,8 @@ def to_chat_request(req: ChatCompletionRequest, header_request_id: str | None = 
     unsupported = unsupported_fields(req)
     if unsupported:
         raise unsupported_parameters(unsupported)
+    if req.use_beam_search:
+        _check_beam_search_fields(req)
     return ChatRequest(
         request_id=req.request_id or header_request_id or random_id("chatcmpl"),
         messages=tuple(_message(i, m) for i, m in enumerate(req.messages)),
@@ -31,7 +38,48 @@ def to_chat_request(req: ChatCompletionRequest, header_request_id: str | None = 
             chat_template=req.chat_template,
             chat_template_kwargs=dict(req.chat_template_kwargs or {}),
         ),
+        report=ReportOptions(
+            logprobs=bool(req.logprobs),
+            top_logprobs=req.top_logprobs or 0,
+            prompt_logprobs=req.prompt_logprobs,
+            tokens_as_ids=bool(req.return_tokens_as_token_ids),
+            token_ids=bool(req.return_token_ids),
+            echo=req.echo,
+        ),
+        search=SearchOptions(
+            best_of=req.best_of, beam_search=req.use_beam_search, length_penalty=req.length_penalty
+        ),
+        bad_words=tuple(req.bad_words or ()),
+        truncate_prompt_tokens=req.truncate_prompt_tokens,
+        priority=req.priority,
+        cache_salt=req.cache_salt,
+        user=req.user,
     )
+
+
+def _check_beam_search_fields(req: ChatCompletionRequest) -> None:
+    """Fields that reshape the distribution a beam search ranks by are a 422 with it: penalties
+    over generated tokens cannot follow a search that resubmits each beam as a prompt, and none
+    of these is pretended. (Sampling controls, temperature to seed, have nothing to act on in a
+    search that does not sample; README says so.)"""
+    sampling = _sampling_params(req)
+    in_use = {
+        "presence_penalty": sampling.presence_penalty != 0,
+        "frequency_penalty": sampling.frequency_penalty != 0,
+        "repetition_penalty": sampling.repetition_penalty != 1,
+        "logit_bias": bool(sampling.logit_bias),
+        "allowed_token_ids": sampling.allowed_token_ids is not None,
+        "bad_words": bool(req.bad_words),
+        "repetition_detection": sampling.repetition_detection is not None,
+    }
+    for name, used in in_use.items():
+        if used:
+            raise UnprocessableEntityError(
+                f"use_beam_search does not combine with '{name}': beam search ranks beams by the model's "
+                "own log-probabilities",
+                param=name,
+                code="unsupported_combination",
+            )
 
 
 def _sampling_params(req: ChatCompletionRequest) -> SamplingParams:
@@ -51,7 +99,20 @@ def _sampling_params(req: ChatCompletionRequest) -> SamplingParams:
         include_stop_str_in_output=bool(req.include_stop_str_in_output),
         skip_special_tokens=req.skip_special_tokens,
         spaces_between_special_tokens=req.spaces_between_special_tokens,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias=tuple({int(key): value for key, value in (req.logit_bias or {}).items()}.items()),
+        allowed_token_ids=None if req.allowed_token_ids is None else tuple(dict.fromkeys(req.allowed_token_ids)),
+        repetition_detection=_repetition_detection(req),
     )
+
+
+def _repetition_detection(req: ChatCompletionRequest) -> RepetitionDetection | None:
+    spec = req.repetition_detection
+    if spec is None or spec.max_pattern_size == 0:
+        return None
+    return RepetitionDetection(spec.max_pattern_size, spec.min_pattern_size or 1, spec.min_count)
 
 
 def _message(index: int, message: Any) -> ChatMessage:

@@ -27,6 +27,11 @@ from loom.api.protocol_messages import (
 )
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+MAX_LOGPROBS = 20  # top_logprobs and prompt_logprobs (OpenAI's and vLLM's default maximum)
+LOGIT_BIAS_LIMIT = 100.0
+# Keys of `vllm_xargs` some Loom extension reads. vLLM hands these to custom logits processors;
+# Loom has none yet, so every key is answered 422 rather than accepted and dropped.
+KNOWN_VLLM_XARGS: frozenset[str] = frozenset()
 
 # ---- nested request objects ------------------------------------------------------------------
 
@@ -100,9 +105,24 @@ class StructuredOutputs(WireModel):
 
 
 class RepetitionDetection(WireModel):
+    """vLLM's `RepetitionDetectionParams`: `max_pattern_size` 0 turns it off; a `min_pattern_size`
+    of 0 means 1."""
+
     max_pattern_size: int = Field(default=0, ge=0)
     min_pattern_size: int = Field(default=0, ge=0)
     min_count: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RepetitionDetection:
+        if self.max_pattern_size == 0:
+            if self.min_pattern_size or self.min_count:
+                raise ValueError("min_pattern_size and min_count need max_pattern_size > 0")
+            return self
+        if self.min_pattern_size > self.max_pattern_size:
+            raise ValueError("min_pattern_size must be <= max_pattern_size")
+        if self.min_count < 2:
+            raise ValueError("min_count must be >= 2 (a pattern seen once is no repetition)")
+        return self
 
 
 # ---- the request -----------------------------------------------------------------------------
@@ -134,10 +154,10 @@ class ChatCompletionRequest(WireModel):
     frequency_penalty: float | None = Field(default=0.0, ge=-2, le=2)
     presence_penalty: float | None = Field(default=0.0, ge=-2, le=2)
     repetition_penalty: float | None = Field(default=None, gt=0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in -100..100
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
-    best_of: int | None = Field(default=None, ge=1)
+    best_of: int | None = Field(default=None, ge=1, le=20)  # as n: each candidate is a full generation
     use_beam_search: bool = False
     length_penalty: float = 1.0
     repetition_detection: RepetitionDetection | None = None
@@ -145,7 +165,7 @@ class ChatCompletionRequest(WireModel):
     # -- log probabilities and token ids
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    prompt_logprobs: int | None = Field(default=None, ge=-1)  # -1: the whole vocabulary
+    prompt_logprobs: int | None = Field(default=None, ge=-1)  # -1 (the whole vocabulary) is over the max
     return_tokens_as_token_ids: bool | None = None
     return_token_ids: bool | None = None
 
@@ -191,9 +211,9 @@ class ChatCompletionRequest(WireModel):
     truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # -1: the model's length
 
     # -- scheduling and caching
-    priority: int = 0
+    priority: int = Field(default=0, ge=_INT64_MIN, le=_INT64_MAX)
     request_id: str | None = None  # None: the server makes one
-    cache_salt: str | None = None
+    cache_salt: str | None = Field(default=None, min_length=1)
     kv_transfer_params: dict[str, Any] | None = None
     vllm_xargs: dict[str, XArgValue] | None = None
 
@@ -230,6 +250,47 @@ class ChatCompletionRequest(WireModel):
             raise ValueError("top_logprobs requires logprobs to be true")
         return top_logprobs
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_ids_and_range(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not _is_token_id(key):
+                raise ValueError(f"logit_bias keys are token ids (non-negative integers), got {key!r}")
+            if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
+                raise ValueError(f"logit_bias values must be in -100..100, got {value} for token {key}")
+        return bias
+
+    @field_validator("allowed_token_ids")
+    @classmethod
+    def _allowed_ids_are_ids(cls, ids: list[int] | None) -> list[int] | None:
+        if ids is not None and not ids:
+            raise ValueError("allowed_token_ids must not be empty (nothing could be sampled)")
+        if ids is not None and min(ids) < 0:
+            raise ValueError("allowed_token_ids are token ids (non-negative integers)")
+        return ids
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs_at_most_max(cls, k: int | None) -> int | None:
+        if k is not None and (k < 0 or k > MAX_LOGPROBS):
+            raise ValueError(f"prompt_logprobs must be in 0..{MAX_LOGPROBS} (-1, the whole vocabulary, is over it)")
+        return k
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate_keeps_something(cls, k: int | None) -> int | None:
+        if k == 0:
+            raise ValueError("truncate_prompt_tokens must be -1 (the model's limit) or >= 1")
+        return k
+
+    @field_validator("vllm_xargs")
+    @classmethod
+    def _xargs_are_known(cls, xargs: dict[str, XArgValue] | None) -> dict[str, XArgValue] | None:
+        unknown = sorted(set(xargs or {}) - KNOWN_VLLM_XARGS)
+        if unknown:
+            raise ValueError(f"no extension of this server reads vllm_xargs {unknown}")
+        return xargs
+
     @field_validator("continue_final_message")
     @classmethod
     def _continue_excludes_generation_prompt(cls, value: bool, info: ValidationInfo) -> bool:
@@ -238,6 +299,10 @@ class ChatCompletionRequest(WireModel):
                 "continue_final_message cannot be used with add_generation_prompt=true"
             )
         return value
+
+
+def _is_token_id(key: str) -> bool:
+    return key.strip().isdigit()
 
 
 # ---- helpers for the converter ---------------------------------------------------------------
@@ -272,6 +337,12 @@ HONORED_FIELDS: frozenset[str] = frozenset(
         "add_generation_prompt", "continue_final_message", "add_special_tokens",
         "chat_template", "chat_template_kwargs",
         "skip_special_tokens", "spaces_between_special_tokens",
+        "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+        "allowed_token_ids", "bad_words",
+        "logprobs", "top_logprobs", "prompt_logprobs", "return_tokens_as_token_ids", "return_token_ids",
+        "echo", "best_of", "use_beam_search", "length_penalty",
+        "truncate_prompt_tokens", "priority", "cache_salt", "repetition_detection",
+        "kv_transfer_params", "vllm_xargs",
     }
 )  # fmt: skip
 
@@ -290,24 +361,11 @@ def _always(_value: Any, _req: ChatCompletionRequest) -> bool:
 # always off; this table spells out each feature's off values (some repeat the default, for the
 # reader) and the harmless ones beyond it.
 _OFF_WHEN: dict[str, OffTest] = {
-    "logprobs": _equals(False),
-    "top_logprobs": _equals(0),
-    "frequency_penalty": _equals(0),
-    "presence_penalty": _equals(0),
-    "repetition_penalty": _equals(1),
-    "length_penalty": _equals(1),
-    "best_of": lambda value, req: value == (req.n or 1),
-    "use_beam_search": _equals(False),
-    "echo": _equals(False),
     "tool_choice": _equals("none", "auto"),
     "function_call": _equals("none", "auto"),
     "response_format": lambda value, _req: value.type == "text",
-    "repetition_detection": lambda value, _req: value.max_pattern_size == 0,
     "include_reasoning": _equals(True),
     "reasoning_content": _equals(False),
-    "return_tokens_as_token_ids": _equals(False),
-    "return_token_ids": _equals(False),
-    "priority": _equals(0),
     "modalities": _equals(["text"]),
     "store": _equals(False),  # we keep no completions, so only a request to store is unmet
     "service_tier": _equals("auto", "default"),

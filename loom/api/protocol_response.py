@@ -7,6 +7,7 @@ serving fills these in.
 
 Response models forbid unknown fields: we build them, so an unknown name is our typo.
 Per vLLM, a stream chunk carries generated `token_ids` on the choice, not inside `delta`.
+`prompt_logprobs` on a stream chunk is Loom's own (vLLM refuses prompt_logprobs when streaming).
 """
 
 from __future__ import annotations
@@ -165,6 +166,7 @@ class ChatCompletionStreamResponse(ResponseModel):
     system_fingerprint: str | None = None
     service_tier: str | None = None
     prompt_token_ids: list[int] | None = None  # first chunk only, with `return_token_ids`
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # once, with choice 0's first tokens
 
 
 # ---- GET /v1/models --------------------------------------------------------------------------

@@ -1,9 +1,16 @@
-"""Serving results -> wire responses: the blocking body and the SSE chunks of a stream."""
+"""Serving results -> wire responses: the blocking body and the SSE chunks of a stream.
+
+What the client asked to see (`ReportOptions`) decides which optional parts appear: logprobs,
+token ids, prompt logprobs. `kv_transfer_params` is always null: Loom has no disaggregated
+prefill, so there is nothing to hand to a decode instance.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 from loom.api.errors import error_envelope
 from loom.api.protocol_response import (
@@ -12,8 +19,12 @@ from loom.api.protocol_response import (
     ChatCompletionStreamChoice,
     ChatCompletionStreamResponse,
     ChatMessage,
+    ChoiceLogprobs,
     DeltaMessage,
+    PromptLogprob,
     PromptTokensDetails,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 from loom.engine import EngineError
@@ -31,13 +42,46 @@ def wire_usage(usage: st.Usage) -> Usage:
     )
 
 
-def completion_response(result: st.ChatResult, model: str) -> ChatCompletionResponse:
+def wire_logprobs(entries: tuple[st.LogprobEntry, ...] | None) -> ChoiceLogprobs | None:
+    if entries is None:
+        return None
+    return ChoiceLogprobs(
+        content=[
+            TokenLogprob(
+                token=e.token,
+                logprob=e.logprob,
+                bytes=list(e.bytes),
+                top_logprobs=[TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.bytes)) for t in e.top],
+            )
+            for e in entries
+        ]
+    )
+
+
+def wire_prompt_logprobs(entries: st.PromptLogprobs | None) -> list[dict[str, PromptLogprob] | None] | None:
+    """The spec's shape: per prompt token (the first None), token id -> {logprob, rank, decoded_token}."""
+    if entries is None:
+        return None
+    return [
+        None
+        if position is None
+        else {
+            str(p.token_id): PromptLogprob(logprob=p.logprob, rank=p.rank, decoded_token=p.decoded_token)
+            for p in position
+        }
+        for position in entries
+    ]
+
+
+def completion_response(result: st.ChatResult, model: str, report: st.ReportOptions) -> ChatCompletionResponse:
     choices = [
         ChatCompletionChoice(
             index=c.index,
             message=ChatMessage(role="assistant", content=c.text),
+            logprobs=wire_logprobs(c.logprobs),
             finish_reason=c.finish_reason or "stop",
             stop_reason=c.stop_reason,
+            token_ids=list(c.token_ids) if report.token_ids else None,
         )
         for c in result.choices
     ]
@@ -48,17 +92,32 @@ def completion_response(result: st.ChatResult, model: str) -> ChatCompletionResp
         choices=choices,
         usage=wire_usage(result.usage),
         system_fingerprint=SYSTEM_FINGERPRINT,
+        prompt_logprobs=wire_prompt_logprobs(result.prompt_logprobs),
+        prompt_token_ids=list(result.prompt_token_ids) if report.token_ids else None,
     )
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkOptions:
+    include_usage: bool
+    continuous_usage: bool
+    report: st.ReportOptions
+
+
 class ChunkWriter:
-    """Turns a stream of `ChoiceDelta`s into SSE lines: role first, content deltas, finish, usage, [DONE]."""
+    """Turns a stream of `ChoiceDelta`s into SSE lines: role first, content deltas, finish, usage, [DONE].
 
-    def __init__(self, request_id: str, model: str, created: int, include_usage: bool, continuous_usage: bool) -> None:
+    With `return_token_ids` the first chunk carries the prompt's ids and every content chunk its
+    tokens' ids; `prompt_logprobs` ride on the chunk that carries choice 0's first tokens.
+    """
+
+    def __init__(self, request_id: str, model: str, created: int, options: ChunkOptions) -> None:
         self.request_id, self.model, self.created = request_id, model, created
-        self.include_usage, self.continuous_usage = include_usage, continuous_usage
+        self.options = options
 
-    def _sse(self, choices: list[ChatCompletionStreamChoice], usage: st.Usage | None) -> str:
+    def _sse(
+        self, choices: list[ChatCompletionStreamChoice], usage: st.Usage | None, **extra: Any
+    ) -> str:
         chunk = ChatCompletionStreamResponse(
             id=self.request_id,
             created=self.created,
@@ -66,29 +125,38 @@ class ChunkWriter:
             choices=choices,
             usage=wire_usage(usage) if usage is not None else None,
             system_fingerprint=SYSTEM_FINGERPRINT,
+            **extra,
         )
         return f"data: {chunk.model_dump_json()}\n\n"
 
-    async def write(self, n: int, deltas: AsyncIterator[st.ChoiceDelta], prompt_tokens: int) -> AsyncIterator[str]:
-        start_usage = st.Usage(prompt_tokens, 0) if self.continuous_usage else None
+    async def write(
+        self, n: int, deltas: AsyncIterator[st.ChoiceDelta], prompt_token_ids: tuple[int, ...]
+    ) -> AsyncIterator[str]:
+        opts = self.options
+        prompt_tokens = len(prompt_token_ids)
+        start_usage = st.Usage(prompt_tokens, 0) if opts.continuous_usage else None
         for index in range(n):
             role = ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
-            yield self._sse([role], start_usage)
+            first = index == 0 and opts.report.token_ids
+            yield self._sse([role], start_usage, prompt_token_ids=list(prompt_token_ids) if first else None)
         last_usage = st.Usage(prompt_tokens, 0)
         try:
             async for d in deltas:
                 last_usage = d.usage
-                if not d.text and d.finish_reason is None:
+                if not d.text and d.finish_reason is None and not d.token_ids:
                     continue
                 choice = ChatCompletionStreamChoice(
                     index=d.index,
                     delta=DeltaMessage(content=d.text) if d.text else DeltaMessage(),
+                    logprobs=wire_logprobs(d.logprobs),
                     finish_reason=d.finish_reason,
                     stop_reason=d.stop_reason,
+                    token_ids=list(d.token_ids) if opts.report.token_ids else None,
                 )
-                yield self._sse([choice], d.usage if self.continuous_usage else None)
+                usage = d.usage if opts.continuous_usage else None
+                yield self._sse([choice], usage, prompt_logprobs=wire_prompt_logprobs(d.prompt_logprobs))
         except EngineError as exc:
             yield f"data: {json.dumps(error_envelope(str(exc), 'server_error'))}\n\n"
-        if self.include_usage:
+        if opts.include_usage:
             yield self._sse([], last_usage)
         yield "data: [DONE]\n\n"

@@ -21,6 +21,7 @@ class EngineConfig:
     kv_cache_gib: float = 1.0
     num_threads: int | None = None  # None = every core
     scheduling_policy: str = "fcfs"  # "fcfs" | "priority" (lower `priority` value served first)
+    enable_prefix_caching: bool = True  # share full KV blocks across requests by content hash
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -2,6 +2,10 @@
 
 Owns the scheduler, runner and sampler of one model. Runs on its own thread (see
 `async_engine`); everything here is synchronous and token-ids only.
+
+Logprobs ride along: the sampler returns one `TokenLogprob` per row that asked, `update` puts it
+on that request's `CoreOutput`; prompt logprobs are collected by the runner on the `Request` and
+leave with its first `CoreOutput`.
 """
 
 from __future__ import annotations
@@ -37,5 +41,9 @@ class EngineCore:
         if not sched.scheduled:
             return []
         logits, reqs = self.runner.execute(sched)
-        tokens = self.sampler.sample(logits, reqs)
-        return self.scheduler.update(sched, {r.req_id: t for r, t in zip(reqs, tokens, strict=True)})
+        out = self.sampler.sample(logits, reqs)
+        sampled = {r.req_id: t for r, t in zip(reqs, out.token_ids, strict=True)}
+        logprobs = None
+        if out.logprobs is not None:
+            logprobs = {r.req_id: lp for r, lp in zip(reqs, out.logprobs, strict=True) if lp is not None}
+        return self.scheduler.update(sched, sampled, logprobs)

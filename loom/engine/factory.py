@@ -46,7 +46,7 @@ def build_engine(config: EngineConfig, progress: Callable[[int, int], None] | No
                 f"a KV cache of {config.kv_cache_gib} GiB holds {num_blocks * config.block_size} tokens, fewer than "
                 f"one request of --max-model-len {max_model_len}: raise --kv-cache-gib or lower --max-model-len"
             )
-        kv = KVCacheManager(num_blocks, config.block_size)
+        kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         sched_cfg = SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.scheduling_policy
         )

@@ -1,7 +1,26 @@
-"""Penalties, biases and token masks applied to a batch of logits before sampling.
+"""Penalties, biases and token masks applied, in place, to a batch of logits before sampling.
 
-Placeholder until the batched implementation lands: rows whose params ask for none of these are
-untouched, and the API still rejects the fields, so nothing reaches here unhonored.
+Owns the semantics of the penalty and mask fields of `SamplingParams`; never samples, never
+computes logprobs (those come from the raw logits, see `sampler`). Each step is one batched
+tensor op over the rows that need it, skipped when no row does; per request only small index
+lists are built (never a Python loop over the vocabulary).
+
+Order of operations (the sampler bans EOS / stop ids for min_tokens before all of these, and a
+-inf stays -inf through every step):
+  1. repetition_penalty (vLLM / Hugging Face): for every token present in the prompt or the
+     output, a positive logit is divided by the penalty, a negative one multiplied by it.
+  2. frequency_penalty and presence_penalty (OpenAI): over generated tokens only, subtract
+     `frequency_penalty * count + presence_penalty * (count > 0)`.
+  3. logit_bias: add the bias to its token, after the penalties so that +100 all but forces and
+     -100 all but bans whatever the penalties did.
+  4. allowed_token_ids: every other token is set to -inf.
+  5. bad_words_ids: a word's last token is set to -inf when the output ends with the word's
+     preceding tokens (a single-token word is always banned); only output tokens are matched.
+
+The token counts behind 1 and 2 live on the `Request` (`output_counts`, `prompt_mask`), built on
+first use and updated with the tokens appended since the last step. Token ids outside the logits'
+vocabulary are rejected by serving (422); any that reach here are ignored rather than failing
+the whole batch's step.
 """
 
 from __future__ import annotations
@@ -10,7 +29,111 @@ import torch
 
 from loom.engine.request import Request
 
+_NEG_INF = float("-inf")
+
 
 def apply_logits_processors(logits: torch.Tensor, reqs: list[Request]) -> None:
-    """Applies, in place, every penalty / bias / mask the requests ask for."""
-    return None
+    """Applies, in place, every penalty / bias / mask the requests ask for; `logits` is `[R, vocab]`, row r = reqs[r]."""
+    penalized = [i for i, r in enumerate(reqs) if _has_penalties(r)]
+    if penalized:
+        _apply_penalties(logits, [reqs[i] for i in penalized], penalized)
+    if any(r.params.logit_bias for r in reqs):
+        _apply_logit_bias(logits, reqs)
+    if any(r.params.allowed_token_ids is not None for r in reqs):
+        _apply_allowed_token_ids(logits, reqs)
+    if any(r.params.bad_words_ids for r in reqs):
+        _apply_bad_words(logits, reqs)
+
+
+def _has_penalties(req: Request) -> bool:
+    p = req.params
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
+def _apply_penalties(logits: torch.Tensor, reqs: list[Request], rows: list[int]) -> None:
+    vocab = logits.shape[1]
+    counts = torch.stack([_output_counts(r, vocab) for r in reqs])  # [P, vocab]
+    every_row = len(rows) == logits.shape[0]
+    rows_t = torch.tensor(rows)
+    sub = logits if every_row else logits[rows_t]  # [P, vocab]
+    rep = torch.tensor([r.params.repetition_penalty for r in reqs]).unsqueeze(1)  # [P, 1]
+    if bool((rep != 1.0).any()):
+        seen = torch.stack([_prompt_mask(r, vocab) for r in reqs]) | (counts > 0)
+        penalized = torch.where(sub > 0, sub / rep, sub * rep)
+        sub = torch.where(seen, penalized, sub)
+    freq = torch.tensor([r.params.frequency_penalty for r in reqs]).unsqueeze(1)
+    pres = torch.tensor([r.params.presence_penalty for r in reqs]).unsqueeze(1)
+    if bool((freq != 0).any() or (pres != 0).any()):
+        sub = sub - freq * counts - pres * (counts > 0).float()
+    if every_row:
+        logits.copy_(sub)
+    else:
+        logits[rows_t] = sub
+
+
+def _output_counts(req: Request, vocab: int) -> torch.Tensor:
+    """`[vocab]` float32 count of each generated token, brought up to date with `req.output_ids`."""
+    if req.output_counts is None:
+        req.output_counts = torch.zeros(vocab)
+        req.num_counted_outputs = 0
+    new_ids = req.output_ids[req.num_counted_outputs :]
+    if new_ids:
+        req.output_counts.index_put_((torch.tensor(new_ids),), torch.ones(len(new_ids)), accumulate=True)
+        req.num_counted_outputs = len(req.output_ids)
+    return req.output_counts
+
+
+def _prompt_mask(req: Request, vocab: int) -> torch.Tensor:
+    if req.prompt_mask is None:
+        req.prompt_mask = torch.zeros(vocab, dtype=torch.bool)
+        req.prompt_mask[torch.tensor(req.prompt_ids, dtype=torch.long)] = True
+    return req.prompt_mask
+
+
+def _apply_logit_bias(logits: torch.Tensor, reqs: list[Request]) -> None:
+    rows: list[int] = []
+    cols: list[int] = []
+    biases: list[float] = []
+    vocab = logits.shape[1]
+    for i, r in enumerate(reqs):
+        for token_id, bias in r.params.logit_bias:
+            if not 0 <= token_id < vocab:
+                continue
+            rows.append(i)
+            cols.append(token_id)
+            biases.append(bias)
+    index = (torch.tensor(rows), torch.tensor(cols))
+    logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype), accumulate=True)
+
+
+def _apply_allowed_token_ids(logits: torch.Tensor, reqs: list[Request]) -> None:
+    banned = torch.zeros(logits.shape, dtype=torch.bool)  # [R, vocab]
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, r in enumerate(reqs):
+        allowed = r.params.allowed_token_ids
+        if allowed is None:
+            continue
+        banned[i] = True
+        ids = [t for t in allowed if 0 <= t < logits.shape[1]]
+        rows.extend([i] * len(ids))
+        cols.extend(ids)
+    if rows:
+        banned[rows, cols] = False
+    logits.masked_fill_(banned, _NEG_INF)
+
+
+def _apply_bad_words(logits: torch.Tensor, reqs: list[Request]) -> None:
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, r in enumerate(reqs):
+        output = r.output_ids
+        for word in r.params.bad_words_ids:
+            prefix = len(word) - 1
+            if prefix < 0 or not 0 <= word[-1] < logits.shape[1]:
+                continue
+            if prefix == 0 or (len(output) >= prefix and tuple(output[-prefix:]) == tuple(word[:-1])):
+                rows.append(i)
+                cols.append(word[-1])
+    if rows:
+        logits[rows, cols] = _NEG_INF

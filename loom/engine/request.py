@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import enum
 import itertools
+import random
 from dataclasses import dataclass
 
 import torch
 
+from loom.engine.logprobs import TokenLogprob
 from loom.engine.sampling_params import SamplingParams
 
 _arrival_counter = itertools.count()
@@ -66,13 +68,19 @@ class Request:
         self.cache_salt = submitted.cache_salt
         self.eos_token_id = eos_token_id
         self.status = RequestStatus.WAITING
-        self.stop_reason: int | None = None  # the stop token id that ended it, if any
+        self.stop_reason: int | str | None = None  # the stop token id that ended it, or "repetition_detected"
         self.block_ids: list[int] = []
         self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
+        self.block_hashes: list[bytes] = []  # chained content hashes of its full blocks (kv_cache.py)
         self.arrival = next(_arrival_counter)
-        self.generator: torch.Generator | None = None
-        if submitted.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(submitted.params.seed)
+        self.generator = None if submitted.params.seed is None else seeded_generator(submitted.params.seed)
+        # buffers of loom/engine/logits_processors.py, built on first use (vocab-sized)
+        self.output_counts: torch.Tensor | None = None  # [vocab] float32: times each token was generated
+        self.num_counted_outputs = 0  # output_ids[:num_counted_outputs] are in output_counts
+        self.prompt_mask: torch.Tensor | None = None  # [vocab] bool: tokens present in the prompt
+        # the runner fills this across prefill chunks: entry i is prompt token i + 1 under position i
+        self.prompt_logprobs: list[TokenLogprob] | None = None if submitted.params.prompt_logprobs is None else []
 
     @property
     def num_tokens(self) -> int:
@@ -82,9 +90,35 @@ class Request:
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
+    def take_prompt_logprobs(self) -> tuple[TokenLogprob | None, ...] | None:
+        """The prompt's logprobs (first entry None), for the request's first output only."""
+        if self.prompt_logprobs is None or len(self.output_ids) != 1:
+            return None
+        return (None, *self.prompt_logprobs)
+
     def token_at(self, position: int) -> int:
         n = len(self.prompt_ids)
         return self.prompt_ids[position] if position < n else self.output_ids[position - n]
 
     def __repr__(self) -> str:
         return f"Request({self.req_id}, {self.status.name}, computed={self.num_computed_tokens}/{self.num_tokens})"
+
+
+_MT_STATE_OFFSET = 24  # torch's CPU generator state: u64 seed, i32 left, i32 seeded, u64 next, then 624 u64 words
+_MT_STATE_WORDS = 624
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator whose whole mt19937 state depends on all 64 bits of `seed` (any int64 or uint64).
+
+    `manual_seed` keeps only the low 32 bits (seed, seed + 2**32 and seed + 2**63 give one stream),
+    so the state words come from Python's `random`, which seeds mt19937 from the whole integer
+    (`init_by_array`). The int64 seed maps to a distinct uint64 first (two's complement).
+    """
+    seed_u64 = seed & 0xFFFF_FFFF_FFFF_FFFF
+    generator = torch.Generator().manual_seed(seed_u64)  # sets seed, left = 1, next = 0
+    words = random.Random(seed_u64).getstate()[1][:_MT_STATE_WORDS]
+    state = generator.get_state()
+    end = _MT_STATE_OFFSET + 8 * _MT_STATE_WORDS
+    state[_MT_STATE_OFFSET:end].view(torch.int64).copy_(torch.tensor(words, dtype=torch.int64))
+    return generator.set_state(state)

@@ -3,6 +3,11 @@
 Owns the KV cache tensors and the per-step input tensors (input ids, positions, slot mapping,
 attention metadata). Never decides what runs; never samples. A compiled or fused forward can be
 swapped in through `forward_fn` without touching scheduling or sampling.
+
+Prompt logprobs: for a request with `params.prompt_logprobs`, every prompt position p < P - 1 it
+computes also becomes a logits row (after the R sampling rows), and the runner appends to
+`req.prompt_logprobs` prompt token p + 1's raw logprob, rank and top k under position p. Chunks
+accumulate across steps; positions already recorded (a recompute after preemption) are skipped.
 """
 
 from __future__ import annotations
@@ -13,9 +18,19 @@ from dataclasses import dataclass
 import torch
 
 from loom.engine.request import Request
+from loom.engine.sampler import token_logprobs
 from loom.engine.scheduler import SchedulerOutput
 from loom.models.attention import AttentionMetadata, PrefillSpan
 from loom.models.llama import LlamaModel
+
+
+@dataclass(frozen=True, slots=True)
+class PromptLogprobSpan:
+    """Prompt positions `first .. first + num - 1` of `req`, whose logits rows follow one another."""
+
+    req: Request
+    first: int
+    num: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,8 +38,9 @@ class ModelInput:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
-    logits_indices: torch.Tensor  # [R]
-    sampling_reqs: list[Request]  # row r of the logits belongs to sampling_reqs[r]
+    logits_indices: torch.Tensor  # [R + sum of prompt span lengths]
+    sampling_reqs: list[Request]  # row r < R of the logits belongs to sampling_reqs[r]
+    prompt_spans: tuple[PromptLogprobSpan, ...] = ()  # rows R onwards, span after span
 
 
 class ModelRunner:
@@ -39,9 +55,13 @@ class ModelRunner:
         self.forward_fn: Callable[..., torch.Tensor] = model.forward
 
     def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
-        """Runs the step; returns logits `[R, vocab]` and the requests they belong to."""
+        """Runs the step; returns logits `[R, vocab]` and the requests they belong to (and records prompt logprobs)."""
         inp = self.prepare(sched)
         logits = self.forward_fn(inp.input_ids, inp.positions, self.kv_caches, inp.meta, inp.logits_indices)
+        if inp.prompt_spans:
+            num_sampling = len(inp.sampling_reqs)
+            _record_prompt_logprobs(logits[num_sampling:], inp.prompt_spans)
+            logits = logits[:num_sampling]
         return logits, inp.sampling_reqs
 
     def prepare(self, sched: SchedulerOutput) -> ModelInput:
@@ -63,9 +83,15 @@ class ModelRunner:
             if first + n == req.num_tokens:
                 sampling_reqs.append(req)
                 logits_idx.append(start + n - 1)
+        prompt_spans = _prompt_logprob_spans(sched)
+        if prompt_spans:
+            starts = _flat_starts(decodes, prefills)
+            for span in prompt_spans:
+                start = starts[span.req.req_id] + span.first - span.req.num_computed_tokens
+                logits_idx.extend(range(start, start + span.num))
         decode_gather, decode_mask = self._decode_context(decodes)
         meta = AttentionMetadata(_long(slots), self.block_size, len(decodes), decode_gather, decode_mask, tuple(spans))
-        return ModelInput(_long(ids), _long(positions), meta, _long(logits_idx), sampling_reqs)
+        return ModelInput(_long(ids), _long(positions), meta, _long(logits_idx), sampling_reqs, prompt_spans)
 
     def _slot(self, req: Request, position: int) -> int:
         return req.block_ids[position // self.block_size] * self.block_size + position % self.block_size
@@ -88,6 +114,50 @@ class ModelRunner:
         valid = (pos.unsqueeze(0) < context_lens.unsqueeze(1)).view(len(decodes), 1, -1)
         mask = torch.zeros(valid.shape, dtype=self.dtype).masked_fill_(~valid, float("-inf"))
         return gather, mask
+
+
+def _prompt_logprob_spans(sched: SchedulerOutput) -> tuple[PromptLogprobSpan, ...]:
+    """The prompt positions this step computes whose logprobs are still missing."""
+    spans = []
+    for req, n in sched.scheduled:
+        if req.prompt_logprobs is None:
+            continue
+        if req.num_computed_tokens > len(req.prompt_logprobs) and not req.output_ids:
+            raise RuntimeError(
+                f"request {req.req_id}: prompt logprobs need every prompt position computed, but it starts at "
+                f"{req.num_computed_tokens}; the prefix cache must not serve requests with prompt_logprobs"
+            )
+        # position p yields prompt token p + 1: the last prompt position is a sampling row instead
+        first = max(req.num_computed_tokens, len(req.prompt_logprobs))
+        end = min(req.num_computed_tokens + n, req.num_prompt_tokens - 1)
+        if first < end:
+            spans.append(PromptLogprobSpan(req, first, end - first))
+    return tuple(spans)
+
+
+def _flat_starts(decodes: list[Request], prefills: list[tuple[Request, int]]) -> dict[str, int]:
+    """Each scheduled request's first row in the flattened batch: decodes first, then prefills in order."""
+    starts = {req.req_id: i for i, req in enumerate(decodes)}
+    offset = len(decodes)
+    for req, n in prefills:
+        starts[req.req_id] = offset
+        offset += n
+    return starts
+
+
+def _record_prompt_logprobs(logits: torch.Tensor, spans: tuple[PromptLogprobSpan, ...]) -> None:
+    """Appends one `TokenLogprob` per row of `logits` `[sum of span lengths, vocab]` to its request."""
+    targets: list[int] = []
+    num_top: list[int] = []
+    for span in spans:
+        targets.extend(span.req.prompt_ids[span.first + 1 : span.first + 1 + span.num])
+        num_top.extend([span.req.params.prompt_logprobs or 0] * span.num)
+    records = token_logprobs(logits.log_softmax(dim=-1), _long(targets), num_top)
+    offset = 0
+    for span in spans:
+        assert span.req.prompt_logprobs is not None and len(span.req.prompt_logprobs) == span.first
+        span.req.prompt_logprobs.extend(records[offset : offset + span.num])
+        offset += span.num
 
 
 def _padded(block_ids: list[int], length: int) -> list[int]:

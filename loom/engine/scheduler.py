@@ -1,22 +1,45 @@
 """Continuous batching: which requests run this step and how many tokens each computes.
 
 Owns the waiting and running queues, chunked prefill under a per-step token budget, KV block
-allocation through `KVCacheManager`, preemption (by recompute) when blocks run out, and the stop
-conditions that the core can see (EOS, stop token ids, length). Never runs the model or samples.
+allocation through `KVCacheManager` (with prefix-cache hits on admission), preemption (by
+recompute) when blocks run out, and the stop conditions that the core can see (EOS, stop token
+ids, length, repetition). Never runs the model or samples.
 
 Every step treats prefill and decode alike: a request computes the tokens it has not computed
 yet (`num_tokens - num_computed_tokens`), at most the remaining budget. A request that reaches
-its last token gets a new token sampled.
+its last token gets a new token sampled. On admission, the full blocks of its tokens already in
+the prefix cache count as computed, so it starts past them.
+
+Order. Both queues are kept sorted by one key: `(0, arrival)` under the "fcfs" policy,
+`(priority, arrival)` under "priority" (lower priority value first). Running requests get the
+step's token budget in that order; waiting requests are admitted in that order (the first that
+does not fit stops admission, so a later, smaller request never overtakes it); when a running
+request needs a block and none is free, the running request with the largest key (the latest
+arrival under fcfs, the lowest priority under priority) is preempted first. A preempted request
+rejoins the waiting queue at its key's place. No request is preempted to admit a waiting one.
+
+Repetition detection (`SamplingParams.repetition_detection`): after each sampled token the
+scheduler checks whether the output ids (never the prompt) end with a pattern of L tokens
+repeated `min_count` times back to back, for some `min_pattern_size <= L <= max_pattern_size`.
+If so the request finishes with finish_reason "stop" and stop_reason "repetition_detected"
+(vLLM's string), keeping the repeated tokens in its output. Like EOS it waits for `min_tokens`;
+EOS and stop token ids take precedence, then length (a repeat completed by the last allowed token
+reports "length"). It is off when `max_pattern_size < max(min_pattern_size, 1)` or
+`min_count < 2` (a single occurrence is no repetition).
 """
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from loom.engine.kv_cache import KVCacheManager
 from loom.engine.logprobs import TokenLogprob
 from loom.engine.request import Request, RequestStatus
+from loom.engine.sampling_params import RepetitionDetection
+
+REPETITION_STOP_REASON = "repetition_detected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +48,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int = 8192
     policy: str = "fcfs"  # "fcfs" | "priority"
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f'scheduling policy must be "fcfs" or "priority", got {self.policy!r}')
 
 
 @dataclass(slots=True)
@@ -42,7 +69,7 @@ class CoreOutput:
     req_id: str
     new_token_ids: tuple[int, ...]
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
-    stop_reason: int | None  # the stop token id that ended the request
+    stop_reason: int | str | None  # the stop token id that ended the request, or REPETITION_STOP_REASON
     num_prompt_tokens: int
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per new token, when params.logprobs is set
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # with the first output only; [0] is None
@@ -53,8 +80,8 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
         self.config = config
         self.kv = kv
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.waiting: list[Request] = []  # sorted by `_order`
+        self.running: list[Request] = []  # sorted by `_order`
         self.requests: dict[str, Request] = {}
 
     @property
@@ -63,7 +90,11 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         self.requests[req.req_id] = req
-        self.waiting.append(req)
+        bisect.insort(self.waiting, req, key=self._order)
+
+    def _order(self, req: Request) -> tuple[int, int]:
+        """Sort key of both queues: smaller is admitted first, given budget first, preempted last."""
+        return (req.priority if self.config.policy == "priority" else 0, req.arrival)
 
     def abort(self, req_id: str) -> Request | None:
         req = self.requests.pop(req_id, None)
@@ -95,7 +126,7 @@ class Scheduler:
 
     def _allocate_or_preempt(self, req: Request, num_new: int, out: SchedulerOutput) -> bool:
         while not self.kv.allocate_slots(req, num_new):
-            victim = self.running[-1]  # the latest arrival gives way first
+            victim = self.running[-1]  # the largest key gives way first: never one already scheduled
             self._preempt(victim)
             out.preempted.append(victim)
             if victim is req:
@@ -105,31 +136,41 @@ class Scheduler:
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.kv.allocate_slots(req, num_new):
+            prefix = self.kv.find_cached_prefix(req)
+            num_new = min(req.num_tokens - prefix.num_tokens, budget)
+            if not self.kv.allocate_slots(req, num_new, prefix):
                 break
-            self.waiting.popleft()
+            del self.waiting[0]
+            req.num_computed_tokens = prefix.num_tokens
+            if req.status == RequestStatus.WAITING:  # a preempted request keeps its first count
+                req.num_cached_tokens = prefix.num_tokens
             req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            bisect.insort(self.running, req, key=self._order)
             out.scheduled.append((req, num_new))
             budget -= num_new
         return budget
 
     def _preempt(self, req: Request) -> None:
-        """Frees the request's blocks; it recomputes prompt + output when it runs again."""
+        """Frees the request's blocks; it recomputes prompt + output (past any still-cached prefix) when it runs again."""
         self.running.remove(req)
         self.kv.free(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
-        self.waiting.appendleft(req)
+        bisect.insort(self.waiting, req, key=self._order)
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[CoreOutput]:
-        """Advances computed counts, appends sampled tokens, applies stop conditions."""
+    def update(
+        self, out: SchedulerOutput, sampled: dict[str, int], logprobs: dict[str, TokenLogprob] | None = None
+    ) -> list[CoreOutput]:
+        """Advances computed counts, appends sampled tokens, applies stop conditions.
+
+        `logprobs` holds the sampled token's record for the requests that asked for logprobs.
+        """
         results = []
         for req, num_new in out.scheduled:
             if req.status.finished:  # aborted while the step ran
                 continue
             req.num_computed_tokens += num_new
+            self.kv.cache_full_blocks(req)
             token = sampled.get(req.req_id)
             if token is None:  # a prefill chunk that did not reach the end of the prompt
                 continue
@@ -140,7 +181,16 @@ class Scheduler:
                 self.requests.pop(req.req_id, None)
                 self._finish(req, status)
             results.append(
-                CoreOutput(req.req_id, (token,), req.status.finish_reason, req.stop_reason, req.num_prompt_tokens)
+                CoreOutput(
+                    req.req_id,
+                    (token,),
+                    req.status.finish_reason,
+                    req.stop_reason,
+                    req.num_prompt_tokens,
+                    logprobs=(logprobs[req.req_id],) if logprobs and req.req_id in logprobs else None,
+                    prompt_logprobs=req.take_prompt_logprobs(),
+                    num_cached_tokens=req.num_cached_tokens,
+                )
             )
         return results
 
@@ -157,8 +207,26 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         if req.num_tokens >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
+        detection = params.repetition_detection
+        if detection is not None and num_output >= params.min_tokens and ends_in_repetition(req.output_ids, detection):
+            req.stop_reason = REPETITION_STOP_REASON
+            return RequestStatus.FINISHED_STOPPED
         return None
 
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
         self.kv.free(req)
+
+
+def ends_in_repetition(token_ids: Sequence[int], detection: RepetitionDetection) -> bool:
+    """Whether `token_ids` ends with some pattern of min..max_pattern_size tokens repeated min_count times."""
+    count, n = detection.min_count, len(token_ids)
+    if count < 2:
+        return False
+    for size in range(max(detection.min_pattern_size, 1), detection.max_pattern_size + 1):
+        if size * count > n:
+            break
+        # the last size * count ids have period `size`: each equals the one `size` before it
+        if all(token_ids[n - 1 - j] == token_ids[n - 1 - j - size] for j in range(size * (count - 1))):
+            return True
+    return False

@@ -1,20 +1,62 @@
-"""One chat call -> `n` engine requests -> one `ChatResult` or a stream of `ChoiceDelta`s.
+"""One chat call -> engine requests -> one `ChatResult` or a stream of `ChoiceDelta`s.
 
-Owns prompt rendering and tokenization, the context-window check, per-choice sampling params,
-merging the choices' outputs and usage. Never touches tensors or HTTP.
+Owns how the `n` answers are produced: `n` independent samples; `best_of` samples of which the
+`n` with the highest cumulative logprob are kept; or a beam search of width max(n, best_of)
+(`beam_search`). Also merges the choices' outputs, logprobs and usage. Preparing the request
+(prompt, checks, params) is `prepare`'s. Never touches tensors or HTTP.
+
+Usage counts what the engine did: `prompt_tokens` once per call, `completion_tokens` every token
+the engine generated for it (all best_of candidates, every beam step), `cached_tokens` the
+prompt tokens every sequence found in the prefix cache (the minimum over them).
+
+A stream of best_of > n or of a beam search is buffered: which answers win is known only at the
+end, so their text arrives in one piece per choice once the search is over.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import TypeVar
 
-from loom.engine import AsyncEngine, RequestOutput, SamplingParams
-from loom.serving.templates import render_chat
-from loom.serving.types import ChatRequest, ChatResult, ChoiceDelta, ChoiceResult, InvalidRequest, Usage
+from loom.engine import AsyncEngine, EngineError, RequestOutput
+from loom.engine.logprobs import TokenLogprob
+from loom.serving.beam_search import BeamSearch, BeamSearchSpec, beam_logprobs, resolved_max_tokens
+from loom.serving.logprobs import LogprobFormatter, cumulative_logprob
+from loom.serving.prepare import PreparedChat, prepare
+from loom.serving.types import ChatRequest, ChatResult, ChoiceDelta, ChoiceResult, PromptLogprobs, Usage
+
+T = TypeVar("T")
+_Item = tuple[int, RequestOutput] | BaseException | None
+
+
+@dataclass(slots=True)
+class _Run:
+    """What one engine sequence produced, as the engine reported it."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    records: list[TokenLogprob] | None = None
+    prompt_records: tuple[TokenLogprob | None, ...] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_cached_tokens: int = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.text.append(out.new_text)
+        self.token_ids.extend(out.new_token_ids)
+        if out.logprobs is not None:
+            if self.records is None:
+                self.records = []
+            self.records.extend(out.logprobs)
+        if out.prompt_logprobs is not None:
+            self.prompt_records = out.prompt_logprobs
+        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
+        self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
 
 
 class ChatService:
@@ -22,92 +64,178 @@ class ChatService:
         self.engine = engine
         self.model_name = model_name
 
-    def tokenize_prompt(self, req: ChatRequest) -> list[int]:
-        tok = self.engine.tokenizer
-        special = {"bos_token": tok.bos_token, "eos_token": tok.eos_token}
-        text = render_chat(req.messages, req.template, tok.chat_template, special)
-        prompt_ids = tok.encode(text, add_special_tokens=req.template.add_special_tokens)
-        self._check_context(len(prompt_ids), req.sampling.max_tokens)
-        return prompt_ids
+    def prepare(self, req: ChatRequest) -> PreparedChat:
+        """Raises `InvalidRequest` for anything the model cannot honor, before any work starts."""
+        return prepare(req, self.engine)
 
-    def _check_context(self, num_prompt: int, max_tokens: int | None) -> None:
-        limit = self.engine.max_model_len
-        wanted = num_prompt + (max_tokens or 1)
-        if wanted > limit:
-            raise InvalidRequest(
-                f"This model's maximum context length is {limit} tokens. However, you requested {wanted} tokens "
-                f"({num_prompt} in the messages, {max_tokens or 1} in the completion). "
-                "Please reduce the length of the messages or completion.",
-                "messages",
-            )
+    def _formatter(self, prep: PreparedChat) -> LogprobFormatter:
+        return LogprobFormatter(self.engine.tokenizer, prep.req.report.tokens_as_ids)
 
-    def _choice_params(self, req: ChatRequest) -> list[SamplingParams]:
-        seed = req.sampling.seed
-        if seed is None or req.n == 1:
-            return [req.sampling] * req.n
-        # n choices must be independent yet reproducible: each gets its own seed
-        return [dataclasses.replace(req.sampling, seed=seed + i) for i in range(req.n)]
-
-    def _streams(self, req: ChatRequest, prompt_ids: list[int]) -> list[AsyncIterator[RequestOutput]]:
-        # engine ids are unique even when clients reuse a request_id (as vLLM allows)
-        nonce = uuid.uuid4().hex[:8]
+    def _streams(self, prep: PreparedChat) -> list[AsyncIterator[RequestOutput]]:
+        req = prep.req
+        nonce = uuid.uuid4().hex[:8]  # engine ids are unique even when clients reuse a request_id
         return [
-            self.engine.generate(f"{req.request_id}-{i}-{nonce}", prompt_ids, p)
-            for i, p in enumerate(self._choice_params(req))
+            self.engine.generate(f"{req.request_id}-{i}-{nonce}", prep.prompt_ids, p, req.priority, req.cache_salt)
+            for i, p in enumerate(prep.candidate_params())
         ]
 
-    async def complete(self, req: ChatRequest) -> ChatResult:
-        prompt_ids = self.tokenize_prompt(req)
-        choices = await asyncio.gather(*(_collect(i, s) for i, s in enumerate(self._streams(req, prompt_ids))))
-        usage = Usage(len(prompt_ids), sum(len(c.token_ids) for c in choices))
-        return ChatResult(req.request_id, int(time.time()), tuple(choices), usage, tuple(prompt_ids))
+    async def complete(self, prep: PreparedChat) -> ChatResult:
+        if prep.req.search.beam_search:
+            return await self._beam_search(prep)
+        runs = await asyncio.gather(*(_collect(s) for s in self._streams(prep)))
+        return self._sampled_result(prep, list(runs))
 
-    async def stream(self, req: ChatRequest, prompt_ids: list[int]) -> AsyncIterator[ChoiceDelta]:
-        """Yields deltas of all choices as they come; closing it aborts every unfinished choice."""
-        queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
-        streams = self._streams(req, prompt_ids)
-        tasks = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(streams)]
-        completion_tokens = [0] * req.n
+    def _sampled_result(self, prep: PreparedChat, runs: list[_Run]) -> ChatResult:
+        req, fmt = prep.req, self._formatter(prep)
+        order = list(range(req.n))
+        cums = [None if r.records is None else cumulative_logprob(r.records) for r in runs]
+        if len(runs) > req.n:  # best_of: the n most likely candidates, most likely first
+            order = sorted(range(len(runs)), key=lambda i: -_required(cums[i]))[: req.n]
+        choices = []
+        for index, i in enumerate(order):
+            run = runs[i]
+            logprobs = fmt.entries(_required(run.records), req.report.top_logprobs) if req.report.logprobs else None
+            choices.append(
+                ChoiceResult(
+                    index, prep.echo + "".join(run.text), run.finish_reason, run.stop_reason,
+                    tuple(run.token_ids), logprobs, cums[i],
+                )
+            )  # fmt: skip
+        usage = Usage(len(prep.prompt_ids), sum(len(r.token_ids) for r in runs), min(r.num_cached_tokens for r in runs))
+        prompt_logprobs = self._prompt_logprobs(prep, fmt, runs[0].prompt_records)
+        return ChatResult(req.request_id, int(time.time()), tuple(choices), usage, prep.prompt_ids, prompt_logprobs)
+
+    def _prompt_logprobs(
+        self, prep: PreparedChat, fmt: LogprobFormatter, records: tuple[TokenLogprob | None, ...] | None
+    ) -> PromptLogprobs | None:
+        if prep.req.report.prompt_logprobs is None:
+            return None
+        return fmt.prompt(_required(records))
+
+    async def _beam_search(self, prep: PreparedChat) -> ChatResult:
+        req, fmt = prep.req, self._formatter(prep)
+        spec = BeamSearchSpec(
+            req_id=req.request_id,
+            prompt_ids=prep.prompt_ids,
+            sampling=prep.sampling,
+            width=req.num_candidates,
+            length_penalty=req.search.length_penalty,
+            max_tokens=resolved_max_tokens(prep.sampling, len(prep.prompt_ids), self.engine.max_model_len),
+            num_logprobs=beam_logprobs(req.num_candidates, req.report.top_logprobs if req.report.logprobs else 0),
+            priority=req.priority,
+            cache_salt=req.cache_salt,
+        )
+        found = await BeamSearch(self.engine, spec).run()
+        choices = tuple(
+            ChoiceResult(
+                index, prep.echo + beam.text, beam.finish_reason, beam.stop_reason, beam.token_ids,
+                fmt.entries(beam.logprobs, req.report.top_logprobs) if req.report.logprobs else None,
+                beam.cum_logprob,
+            )
+            for index, beam in enumerate(found.beams[: req.n])
+        )  # fmt: skip
+        usage = Usage(len(prep.prompt_ids), found.num_generated_tokens, found.num_cached_tokens)
+        prompt_logprobs = self._prompt_logprobs(prep, fmt, found.prompt_logprobs)
+        return ChatResult(req.request_id, int(time.time()), choices, usage, prep.prompt_ids, prompt_logprobs)
+
+    async def stream(self, prep: PreparedChat) -> AsyncIterator[ChoiceDelta]:
+        """Yields deltas of all choices as they come; closing it aborts every unfinished sequence."""
+        if prep.req.search.beam_search or prep.req.num_candidates > prep.req.n:
+            result = await self.complete(prep)
+            for choice in result.choices:
+                yield ChoiceDelta(
+                    choice.index, choice.text, choice.token_ids, choice.finish_reason, choice.stop_reason,
+                    result.usage, choice.logprobs, result.prompt_logprobs if choice.index == 0 else None,
+                )  # fmt: skip
+            return
+        async for delta in self._stream_sampled(prep):
+            yield delta
+
+    async def _stream_sampled(self, prep: PreparedChat) -> AsyncIterator[ChoiceDelta]:
+        req, fmt = prep.req, self._formatter(prep)
+        merger = _DeltaMerger(prep, fmt)
+        for index in range(req.n):
+            if prep.echo:
+                yield ChoiceDelta(index, prep.echo, (), None, None, merger.usage(), () if req.report.logprobs else None)
+        queue: asyncio.Queue[_Item] = asyncio.Queue()
+        tasks = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(self._streams(prep))]
         try:
             for _ in range(len(tasks)):
                 while (item := await queue.get()) is not None:
                     if isinstance(item, BaseException):
                         raise item
-                    index, out = item
-                    completion_tokens[index] = out.num_output_tokens
-                    usage = Usage(len(prompt_ids), sum(completion_tokens))
-                    yield ChoiceDelta(
-                        index, out.new_text, out.new_token_ids, out.finish_reason, out.stop_reason, usage
-                    )
+                    delta = merger.add(*item)
+                    if delta is not None:
+                        yield delta
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _pump(
-    index: int,
-    stream: AsyncIterator[RequestOutput],
-    queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None],
-) -> None:
+class _DeltaMerger:
+    """Engine outputs of all choices -> deltas; tokens whose text is held back wait for the next."""
+
+    def __init__(self, prep: PreparedChat, fmt: LogprobFormatter) -> None:
+        self.prep, self.fmt = prep, fmt
+        n = prep.req.n
+        self.num_output = [0] * n
+        self.num_cached: list[int | None] = [None] * n
+        self.pending_ids: list[list[int]] = [[] for _ in range(n)]
+        self.pending_logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        self.prompt_records: tuple[TokenLogprob | None, ...] | None = None
+        self.prompt_sent = prep.req.report.prompt_logprobs is None
+
+    def usage(self) -> Usage:
+        cached = [c for c in self.num_cached if c is not None]
+        return Usage(len(self.prep.prompt_ids), sum(self.num_output), min(cached, default=0))
+
+    def add(self, index: int, out: RequestOutput) -> ChoiceDelta | None:
+        report = self.prep.req.report
+        self.num_output[index] = out.num_output_tokens
+        self.num_cached[index] = max(self.num_cached[index] or 0, out.num_cached_tokens)
+        self.pending_ids[index].extend(out.new_token_ids)
+        if report.logprobs:
+            self.pending_logprobs[index].extend(_required(out.logprobs))
+        if out.prompt_logprobs is not None:
+            self.prompt_records = out.prompt_logprobs
+        if not out.new_text and out.finish_reason is None:
+            return None
+        prompt_logprobs = None
+        if index == 0 and not self.prompt_sent:
+            prompt_logprobs, self.prompt_sent = self.fmt.prompt(_required(self.prompt_records)), True
+        logprobs = self.fmt.entries(self.pending_logprobs[index], report.top_logprobs) if report.logprobs else None
+        delta = ChoiceDelta(
+            index, out.new_text, tuple(self.pending_ids[index]), out.finish_reason, out.stop_reason,
+            self.usage(), logprobs, prompt_logprobs,
+        )  # fmt: skip
+        self.pending_ids[index], self.pending_logprobs[index] = [], []
+        return delta
+
+
+def _required(value: T | None) -> T:
+    """Logprobs the engine was asked for; their absence is an engine fault, not an empty answer."""
+    if value is None:
+        raise EngineError("the engine did not report the logprobs it was asked for")
+    return value
+
+
+async def _pump(index: int, stream: AsyncIterator[RequestOutput], queue: asyncio.Queue[_Item]) -> None:
     try:
-        async for out in stream:
-            queue.put_nowait((index, out))
+        async with aclosing(stream) as outputs:  # type: ignore[type-var]
+            async for out in outputs:
+                queue.put_nowait((index, out))
     except Exception as exc:
         queue.put_nowait(exc)
     finally:
-        await stream.aclose()  # type: ignore[attr-defined]
         queue.put_nowait(None)
 
 
-async def _collect(index: int, stream: AsyncIterator[RequestOutput]) -> ChoiceResult:
-    text: list[str] = []
-    token_ids: list[int] = []
-    last: RequestOutput | None = None
-    async for out in stream:
-        text.append(out.new_text)
-        token_ids.extend(out.new_token_ids)
-        last = out
-    if last is None:
+async def _collect(stream: AsyncIterator[RequestOutput]) -> _Run:
+    run = _Run()
+    async with aclosing(stream) as outputs:  # type: ignore[type-var]
+        async for out in outputs:
+            run.add(out)
+    if not run.token_ids and run.finish_reason is None:
         raise RuntimeError("engine produced no output")
-    return ChoiceResult(index, "".join(text), last.finish_reason, last.stop_reason, tuple(token_ids))
+    return run

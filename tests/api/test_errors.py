@@ -141,13 +141,11 @@ def test_nested_error_message_names_the_path(client: TestClient) -> None:
 
 
 def test_unsupported_field_is_422_naming_it(client: TestClient) -> None:
-    resp = post(client, logprobs=True, use_beam_search=True)
+    resp = post(client, response_format={"type": "json_object"}, tools=[{"type": "function", "function": {"name": "f"}}])
     assert resp.status_code == 422
     error = assert_envelope(resp.json(), "invalid_request_error")
-    assert (
-        error["param"] == "use_beam_search" and error["code"] == "unsupported_parameter"
-    )  # field order
-    assert "'logprobs'" in error["message"]
+    assert error["param"] == "tools" and error["code"] == "unsupported_parameter"  # field order
+    assert "'response_format'" in error["message"]
 
 
 def test_unknown_model_is_404_model_not_found(client: TestClient) -> None:

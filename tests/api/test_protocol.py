@@ -311,18 +311,11 @@ def test_off_values_of_unhonored_fields_are_not_unsupported() -> None:
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
-        ({"logprobs": True}, ["logprobs"]),
-        ({"use_beam_search": True}, ["use_beam_search"]),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, ["tools"]),
-        ({"best_of": 3}, ["best_of"]),
-        (
-            {"presence_penalty": 0.5, "repetition_penalty": 1.1},
-            ["presence_penalty", "repetition_penalty"],
-        ),
         ({"response_format": {"type": "json_object"}}, ["response_format"]),
         ({"guided_regex": "a+", "guided_decoding_backend": "xgrammar"}, ["guided_regex"]),
         ({"tool_choice": "required"}, ["tool_choice"]),
-        ({"echo": True, "priority": 1}, ["echo", "priority"]),
+        ({"reasoning_effort": "low", "logprobs": True}, ["reasoning_effort"]),
         ({"service_tier": "flex"}, ["service_tier"]),
     ],
 )

@@ -54,6 +54,46 @@ def test_pool_release_makes_blocks_reusable() -> None:
     assert again is not None and sorted(again) == [0, 1, 2, 3]
 
 
+def test_pool_takes_empty_blocks_before_evicting_cached_ones() -> None:
+    pool = BlockPool(3)
+    blocks = pool.allocate(3)
+    assert blocks == [0, 1, 2]
+    pool.register(0, b"h0")
+    pool.release(blocks)  # 0 stays cached; 1 and 2 are empty
+    assert pool.num_free == 3 and pool.lookup(b"h0") == 0
+    assert sorted(pool.allocate(2) or []) == [1, 2]
+    assert pool.lookup(b"h0") == 0
+    assert pool.allocate(1) == [0]  # nothing empty left: the cached block is evicted
+    assert pool.lookup(b"h0") is None
+
+
+def test_pool_evicts_least_recently_freed_cached_block_first() -> None:
+    pool = BlockPool(2)
+    a, b = pool.allocate(1), pool.allocate(1)
+    assert a == [0] and b == [1]
+    pool.register(0, b"a")
+    pool.register(1, b"b")
+    pool.release(b)
+    pool.release(a)  # "a" is the most recently freed
+    assert pool.allocate(1) == [1]
+    assert pool.lookup(b"a") == 0 and pool.lookup(b"b") is None
+
+
+def test_pool_shared_block_leaves_the_free_count_until_released_by_every_holder() -> None:
+    pool = BlockPool(2)
+    blocks = pool.allocate(1)
+    assert blocks == [0]
+    pool.register(0, b"h")
+    pool.release(blocks)
+    pool.share((0,))
+    pool.share((0,))
+    assert pool.ref_counts[0] == 2 and pool.num_free == 1
+    pool.release([0])
+    assert pool.num_free == 1
+    pool.release([0])
+    assert pool.num_free == 2 and pool.lookup(b"h") == 0
+
+
 # --- KVCacheManager ----------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-from loom.engine.request import EngineRequest, Request
+from loom.engine.request import _MT_STATE_OFFSET, EngineRequest, Request, seeded_generator
 from loom.engine.sampler import Sampler
 from loom.engine.sampling_params import SamplingParams
 
@@ -45,13 +45,13 @@ def random_logits(rows: int, seed: int = 1) -> torch.Tensor:
 def draw_many(logits_row: torch.Tensor, num: int = NUM_DRAWS, **params: object) -> Counter[int]:
     reqs = [make_request(f"r{i}", **params) for i in range(num)]
     with torch.inference_mode():
-        tokens = Sampler().sample(logits_row.expand(num, -1).clone(), reqs)
+        tokens = Sampler().sample(logits_row.expand(num, -1).clone(), reqs).token_ids
     return Counter(tokens)
 
 
 def sample(logits: torch.Tensor, reqs: list[Request]) -> list[int]:
     with torch.inference_mode():
-        return Sampler().sample(logits.clone(), reqs)
+        return Sampler().sample(logits.clone(), reqs).token_ids
 
 
 # --- greedy and filters ------------------------------------------------------------------------
@@ -133,6 +133,33 @@ def test_same_seed_gives_same_tokens_across_runs() -> None:
 def test_different_seeds_give_different_tokens() -> None:
     logits = random_logits(1)[0] / 3
     assert seeded_sequence(1, logits) != seeded_sequence(2, logits)
+
+
+@pytest.mark.parametrize(
+    ("seed_a", "seed_b"),
+    [(-1, 2**63 - 1), (5, 5 + 2**32), (-(2**63), 0), (123, -123), (2**63 - 1, 2**32 - 1)],
+)
+def test_seeds_over_the_whole_int64_range_give_distinct_streams(seed_a: int, seed_b: int) -> None:
+    # torch's manual_seed keeps only the low 32 bits: each of these pairs would share one stream
+    logits = random_logits(1)[0] / 3
+    assert seeded_sequence(seed_a, logits) != seeded_sequence(seed_b, logits)
+
+
+def test_generator_state_layout_is_what_seeded_generator_writes() -> None:
+    """`seeded_generator` overwrites torch's mt19937 words in place; a torch upgrade that moves them must fail here."""
+    words = [5]
+    for i in range(1, 4):  # mt19937's init_genrand(5)
+        words.append((1812433253 * (words[-1] ^ (words[-1] >> 30)) + i) & 0xFFFF_FFFF)
+    state = torch.Generator().manual_seed(5).get_state()
+    stored = state[_MT_STATE_OFFSET : _MT_STATE_OFFSET + 32].view(torch.int64).tolist()
+    assert stored == words
+    assert seeded_generator(-1).initial_seed() == 2**64 - 1
+
+
+@pytest.mark.parametrize("seed", [-(2**63), -1, 0, 2**63 - 1])
+def test_extreme_seeds_are_reproducible(seed: int) -> None:
+    logits = random_logits(1)[0] / 3
+    assert seeded_sequence(seed, logits) == seeded_sequence(seed, logits)
 
 
 def test_seeded_row_samples_the_same_alone_or_in_a_batch() -> None:

@@ -6,6 +6,8 @@ request whose scheduled tokens reach its last token (what the runner would sampl
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from loom.engine.kv_cache import KVCacheManager
@@ -25,8 +27,13 @@ def make_scheduler(
     return Scheduler(config, KVCacheManager(num_blocks, BLOCK_SIZE))
 
 
+_prompt_starts = itertools.count(1000, 1000)
+
+
 def make_request(req_id: str, num_prompt_tokens: int = 4, **params: object) -> Request:
-    prompt = tuple(range(10, 10 + num_prompt_tokens))
+    """Every request gets prompt ids of its own, so no two share a prefix-cache block by accident."""
+    start = next(_prompt_starts)
+    prompt = tuple(range(start, start + num_prompt_tokens))
     return Request(EngineRequest(req_id, prompt, SamplingParams(**params)), eos_token_id=EOS)  # type: ignore[arg-type]
 
 
@@ -174,7 +181,9 @@ def test_latest_arrival_is_preempted_when_blocks_run_out_and_later_resumes() -> 
     assert first.status == RequestStatus.FINISHED_LENGTH
 
     out, _ = step(sched)  # first finished; second recomputes prompt + output in one prefill
-    assert scheduled(out)["second"] == 6 + 3
+    # ... past its own first block, still in the prefix cache (its tail block was evicted for first)
+    assert scheduled(out)["second"] == 6 + 3 - BLOCK_SIZE
+    assert second.num_cached_tokens == 0  # usage counts the first admission only
     assert second.status == RequestStatus.FINISHED_LENGTH and len(second.output_ids) == 4
     while sched.has_work:
         step(sched)

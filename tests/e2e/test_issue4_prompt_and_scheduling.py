@@ -1,0 +1,163 @@
+"""Prompt and scheduling fields: `truncate_prompt_tokens`, `priority` (422 under fcfs, served under
+priority scheduling), `cache_salt` with `usage.prompt_tokens_details.cached_tokens`, `seed` over
+int64, and the accepted pass-through fields `vllm_xargs` and `kv_transfer_params`."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+import httpx
+import pytest
+
+MODEL = "SmolLM2-135M-Instruct"
+CAPITAL = "What is the capital of France?"
+MAX_MODEL_LEN = 2048  # the suite's server (conftest)
+
+
+def post(base_url: str, messages: str | list[dict[str, str]], **fields: Any) -> httpx.Response:
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    return httpx.post(
+        f"{base_url}/v1/chat/completions", json={"model": MODEL, "messages": messages, **fields}, timeout=300
+    )
+
+
+def complete(base_url: str, messages: str | list[dict[str, str]], **fields: Any) -> dict[str, Any]:
+    resp = post(base_url, messages, **fields)
+    assert resp.status_code == 200, resp.text
+    return resp.json()  # type: ignore[no-any-return]
+
+
+# ---- truncate_prompt_tokens ------------------------------------------------------------------
+
+
+def test_truncate_prompt_tokens_keeps_the_last_k(base_url: str) -> None:
+    full = complete(base_url, CAPITAL, max_tokens=2, return_token_ids=True)
+    assert full["usage"]["prompt_tokens"] > 10
+    cut = complete(base_url, CAPITAL, max_tokens=2, truncate_prompt_tokens=10, return_token_ids=True)
+    assert cut["usage"]["prompt_tokens"] == 10
+    assert cut["prompt_token_ids"] == full["prompt_token_ids"][-10:]
+
+
+def test_truncate_prompt_tokens_above_the_length_changes_nothing(base_url: str) -> None:
+    full = complete(base_url, CAPITAL, max_tokens=2)
+    same = complete(base_url, CAPITAL, max_tokens=2, truncate_prompt_tokens=1000)
+    assert same["usage"]["prompt_tokens"] == full["usage"]["prompt_tokens"]
+
+
+def test_truncate_prompt_tokens_minus_one_fits_a_long_prompt_in_the_window(base_url: str) -> None:
+    long_text = "word " * (MAX_MODEL_LEN + 100)
+    assert post(base_url, long_text, max_tokens=4).status_code == 400  # premise: too long as it is
+    resp = complete(base_url, long_text, max_tokens=4, truncate_prompt_tokens=-1)
+    assert resp["usage"]["prompt_tokens"] == MAX_MODEL_LEN - 4
+
+
+def test_truncate_prompt_tokens_zero_is_422(base_url: str) -> None:
+    resp = post(base_url, CAPITAL, max_tokens=2, truncate_prompt_tokens=0)
+    assert resp.status_code == 422, resp.text
+
+
+# ---- priority --------------------------------------------------------------------------------
+
+
+def test_nonzero_priority_under_fcfs_is_422(base_url: str) -> None:
+    resp = post(base_url, CAPITAL, max_tokens=2, priority=1)
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["param"] == "priority"
+    assert complete(base_url, CAPITAL, max_tokens=2, priority=0)["usage"]["completion_tokens"] == 2
+
+
+@pytest.fixture(scope="module")
+def priority_server(start_server: Callable[..., AbstractContextManager[Any]]) -> Iterator[Any]:
+    with start_server(scheduling_policy="priority", max_model_len=512) as live:
+        yield live
+
+
+@pytest.mark.slow
+def test_priority_is_served_under_priority_scheduling(priority_server: Any) -> None:
+    for priority in (-5, 0, 7):
+        resp = complete(priority_server.base_url, CAPITAL, temperature=0, max_tokens=4, priority=priority)
+        assert resp["usage"]["completion_tokens"] == 4
+
+
+# ---- cache_salt and cached_tokens ------------------------------------------------------------
+
+
+def long_system_prompt() -> list[dict[str, str]]:
+    """A fresh ~300-token system prompt (unique per call, so no earlier test has cached it)."""
+    session = uuid.uuid4().hex  # first, so that even the first KV block differs from every other call's
+    facts = " ".join(f"Fact {i}: the code word number {i} is {uuid.uuid4().hex[:8]}." for i in range(20))
+    return [{"role": "system", "content": f"{session} {facts}"}, {"role": "user", "content": CAPITAL}]
+
+
+def cached(resp: dict[str, Any]) -> int:
+    details = resp["usage"].get("prompt_tokens_details") or {}
+    return int(details.get("cached_tokens") or 0)
+
+
+def test_a_repeated_prompt_reuses_the_cache_without_changing_the_answer(base_url: str) -> None:
+    messages = long_system_prompt()
+    first = complete(base_url, messages, temperature=0, max_tokens=8)
+    second = complete(base_url, messages, temperature=0, max_tokens=8)
+    assert first["usage"]["prompt_tokens"] > 200
+    assert cached(first) == 0
+    assert cached(second) > 0
+    assert cached(second) <= second["usage"]["prompt_tokens"]
+    assert second["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+
+
+def test_cache_salt_keeps_the_cache_private(base_url: str) -> None:
+    messages = long_system_prompt()
+    salted = complete(base_url, messages, temperature=0, max_tokens=4, cache_salt="tenant-a")
+    assert cached(salted) == 0
+    assert cached(complete(base_url, messages, temperature=0, max_tokens=4, cache_salt="tenant-a")) > 0
+    assert cached(complete(base_url, messages, temperature=0, max_tokens=4, cache_salt="tenant-b")) == 0
+    assert cached(complete(base_url, messages, temperature=0, max_tokens=4)) == 0, "unsalted is another tenant"
+
+
+def test_cached_tokens_in_a_streams_usage(base_url: str) -> None:
+    messages = long_system_prompt()
+    complete(base_url, messages, temperature=0, max_tokens=2, cache_salt="s")
+    body = {
+        "model": MODEL, "messages": messages, "max_tokens": 2, "stream": True, "cache_salt": "s",
+        "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=300) as resp:
+        lines = [line for line in resp.iter_lines() if line.startswith("data: {")]
+    usage = json.loads(lines[-1][len("data: ") :])["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+def test_empty_cache_salt_is_422(base_url: str) -> None:
+    assert post(base_url, CAPITAL, max_tokens=2, cache_salt="").status_code == 422
+
+
+# ---- seed, user, vllm_xargs, kv_transfer_params ----------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [2**63 - 1, -(2**63)], ids=["int64-max", "int64-min"])
+def test_seed_over_the_whole_int64_range(base_url: str, seed: int) -> None:
+    fields: dict[str, Any] = {"temperature": 1.0, "seed": seed, "n": 2, "max_tokens": 6, "user": "e2e"}
+    first = complete(base_url, CAPITAL, **fields)
+    second = complete(base_url, CAPITAL, **fields)
+    assert [c["message"]["content"] for c in first["choices"]] == [c["message"]["content"] for c in second["choices"]]
+
+
+def test_seed_beyond_int64_is_422(base_url: str) -> None:
+    assert post(base_url, CAPITAL, max_tokens=2, seed=2**63).status_code == 422
+
+
+def test_vllm_xargs_keys_no_extension_reads_are_422(base_url: str) -> None:
+    resp = post(base_url, CAPITAL, max_tokens=2, vllm_xargs={"my_processor_arg": 1})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["param"] == "vllm_xargs"
+    assert complete(base_url, CAPITAL, max_tokens=2, vllm_xargs={})["usage"]["completion_tokens"] == 2
+
+
+def test_kv_transfer_params_are_accepted_and_answered_null(base_url: str) -> None:
+    resp = complete(base_url, CAPITAL, max_tokens=2, kv_transfer_params={"do_remote_decode": True})
+    assert resp["kv_transfer_params"] is None
