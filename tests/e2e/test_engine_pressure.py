@@ -85,7 +85,8 @@ async def test_chunked_prefill_and_preemption_keep_greedy_output(
     assert preempted, "no request was preempted, so recompute went untested"
     for prompt, want, got in zip(PROMPTS, expected, answers, strict=True):
         assert got.choices[0].message.content == want.choices[0].message.content, prompt
-        assert got.usage == want.usage, prompt
+        assert got.usage.prompt_tokens == want.usage.prompt_tokens, prompt  # cached_tokens may differ
+        assert got.usage.completion_tokens == want.usage.completion_tokens, prompt
     assert sched.kv.num_free_blocks == sched.kv.pool.num_blocks
     assert not sched.requests
 
