@@ -225,9 +225,20 @@ async def stream_chat(client: httpx.AsyncClient, body: dict[str, Any]) -> Stream
     return StreamResult(int(usage["prompt_tokens"]), num_tokens, first_at - start, itl_s)
 
 
-async def run_batch(client: httpx.AsyncClient, body: dict[str, Any], concurrency: int) -> LoomResult:
+def unique_prompt(body: dict[str, Any], index: int) -> dict[str, Any]:
+    """Each stream its own prompt, so the prefix cache cannot serve one stream's prompt to another
+    (the HF side recomputes every row; a shared prompt would flatter Loom)."""
+    message = body["messages"][-1]
+    return {**body, "messages": [{**message, "content": f"{index}: {message['content']}"}]}
+
+
+async def run_batch(
+    client: httpx.AsyncClient, body: dict[str, Any], concurrency: int, first_index: int = 0
+) -> LoomResult:
+    """`first_index` numbers the prompts: runs that must not share cached prompts use disjoint ranges."""
     start = time.perf_counter()
-    streams = await asyncio.gather(*(stream_chat(client, body) for _ in range(concurrency)))
+    indices = range(first_index, first_index + concurrency)
+    streams = await asyncio.gather(*(stream_chat(client, unique_prompt(body, i)) for i in indices))
     wall_s = time.perf_counter() - start
     completion_tokens = sum(s.completion_tokens for s in streams)
     itls = [s.itl_s for s in streams if s.itl_s is not None]
@@ -260,7 +271,7 @@ async def run_loom_client(args: argparse.Namespace, url: str, prompt: str) -> Lo
         run = LoomRun()
         for concurrency in levels:
             log(f"loom: concurrency {concurrency} x {max_tokens} tokens ...")
-            result = await run_batch(client, chat_body(model_id, prompt, max_tokens), concurrency)
+            result = await run_batch(client, chat_body(model_id, prompt, max_tokens), concurrency, 1000 * concurrency)
             log(
                 f"loom: concurrency {concurrency}: {result.tokens_per_s:.1f} tok/s, "
                 f"TTFT {result.mean_ttft_s * 1e3:.0f} ms, in {result.wall_s:.2f}s"
@@ -269,7 +280,8 @@ async def run_loom_client(args: argparse.Namespace, url: str, prompt: str) -> Lo
         if not args.skip_extras:
             top = max(levels)
             log(f"loom: concurrency {top} with penalties, logit_bias, logprobs (top 5) ...")
-            run.sampler = await run_batch(client, extras.sampler_body(chat_body(model_id, prompt, max_tokens)), top)
+            body = extras.sampler_body(chat_body(model_id, prompt, max_tokens))
+            run.sampler = await run_batch(client, body, top, 1_000_000)
             log("loom: prefix cache, ~1,000-token system prompt, cold vs warm ...")
             run.prefix_cache = await extras.prefix_cache_ttft(client, model_id)
     return run

@@ -17,8 +17,10 @@ Order of operations (the sampler bans EOS / stop ids for min_tokens before all o
   5. bad_words_ids: a word's last token is set to -inf when the output ends with the word's
      preceding tokens (a single-token word is always banned); only output tokens are matched.
 
-The token counts behind 1 and 2 live on the `Request` (`output_counts`, `prompt_mask`), built on
-first use and updated with the tokens appended since the last step. Token ids outside the logits'
+Penalties 1 and 2 touch only the tokens a request has seen: their ids and output counts live on
+the `Request` (`seen_ids`, `seen_counts`), built on first use and updated with the tokens appended
+since the last step; the logits at those ids are gathered, penalized and scattered back. On a CPU
+that is a few hundred values per row instead of passes over the whole vocabulary. Token ids outside the logits'
 vocabulary are rejected by serving (422); any that reach here are ignored rather than failing
 the whole batch's step.
 """
@@ -51,43 +53,43 @@ def _has_penalties(req: Request) -> bool:
 
 
 def _apply_penalties(logits: torch.Tensor, reqs: list[Request], rows: list[int]) -> None:
-    vocab = logits.shape[1]
-    counts = torch.stack([_output_counts(r, vocab) for r in reqs])  # [P, vocab]
-    every_row = len(rows) == logits.shape[0]
-    rows_t = torch.tensor(rows)
-    sub = logits if every_row else logits[rows_t]  # [P, vocab]
-    rep = torch.tensor([r.params.repetition_penalty for r in reqs]).unsqueeze(1)  # [P, 1]
-    if bool((rep != 1.0).any()):
-        seen = torch.stack([_prompt_mask(r, vocab) for r in reqs]) | (counts > 0)
-        penalized = torch.where(sub > 0, sub / rep, sub * rep)
-        sub = torch.where(seen, penalized, sub)
-    freq = torch.tensor([r.params.frequency_penalty for r in reqs]).unsqueeze(1)
-    pres = torch.tensor([r.params.presence_penalty for r in reqs]).unsqueeze(1)
-    if bool((freq != 0).any() or (pres != 0).any()):
-        sub = sub - freq * counts - pres * (counts > 0).float()
-    if every_row:
-        logits.copy_(sub)
-    else:
-        logits[rows_t] = sub
+    """Sparse: only the tokens a request has seen (prompt or output) are read and written back."""
+    seen = [_seen_tokens(r) for r in reqs]
+    lengths = torch.tensor([len(ids) for ids, _ in seen])
+    row_idx = torch.tensor(rows).repeat_interleave(lengths)  # [N]
+    cols = torch.tensor([t for ids, _ in seen for t in ids])
+    counts = torch.tensor([c for _, cs in seen for c in cs], dtype=logits.dtype)  # output counts, 0 for prompt-only
+    per_row = torch.tensor([[r.params.repetition_penalty, r.params.frequency_penalty, r.params.presence_penalty] for r in reqs])
+    rep, freq, pres = per_row.repeat_interleave(lengths, dim=0).unbind(dim=1)  # each [N]
+    values = logits[row_idx, cols]
+    values = torch.where(values > 0, values / rep, values * rep)
+    values = values - freq * counts - pres * (counts > 0).to(logits.dtype)
+    logits[row_idx, cols] = values
 
 
-def _output_counts(req: Request, vocab: int) -> torch.Tensor:
-    """`[vocab]` float32 count of each generated token, brought up to date with `req.output_ids`."""
-    if req.output_counts is None:
-        req.output_counts = torch.zeros(vocab)
-        req.num_counted_outputs = 0
-    new_ids = req.output_ids[req.num_counted_outputs :]
-    if new_ids:
-        req.output_counts.index_put_((torch.tensor(new_ids),), torch.ones(len(new_ids)), accumulate=True)
-        req.num_counted_outputs = len(req.output_ids)
-    return req.output_counts
+def _seen_tokens(req: Request) -> tuple[list[int], list[float]]:
+    """The distinct tokens of prompt and output (first-seen order) and each one's output count.
 
-
-def _prompt_mask(req: Request, vocab: int) -> torch.Tensor:
-    if req.prompt_mask is None:
-        req.prompt_mask = torch.zeros(vocab, dtype=torch.bool)
-        req.prompt_mask[torch.tensor(req.prompt_ids, dtype=torch.long)] = True
-    return req.prompt_mask
+    Kept on the request and brought up to date with the tokens appended since the last step, so
+    a step costs O(new tokens), not O(vocabulary) or O(sequence).
+    """
+    if req.seen_index is None:
+        req.seen_index = {}
+        for token in req.prompt_ids:
+            if token not in req.seen_index:
+                req.seen_index[token] = len(req.seen_ids)
+                req.seen_ids.append(token)
+                req.seen_counts.append(0.0)
+    for token in req.output_ids[req.num_counted_outputs :]:
+        pos = req.seen_index.get(token)
+        if pos is None:
+            req.seen_index[token] = len(req.seen_ids)
+            req.seen_ids.append(token)
+            req.seen_counts.append(1.0)
+        else:
+            req.seen_counts[pos] += 1.0
+    req.num_counted_outputs = len(req.output_ids)
+    return req.seen_ids, req.seen_counts
 
 
 def _apply_logit_bias(logits: torch.Tensor, reqs: list[Request]) -> None:

@@ -76,9 +76,11 @@ class Request:
         self.arrival = next(_arrival_counter)
         self.generator = None if submitted.params.seed is None else seeded_generator(submitted.params.seed)
         # buffers of loom/engine/logits_processors.py, built on first use (vocab-sized)
-        self.output_counts: torch.Tensor | None = None  # [vocab] float32: times each token was generated
-        self.num_counted_outputs = 0  # output_ids[:num_counted_outputs] are in output_counts
-        self.prompt_mask: torch.Tensor | None = None  # [vocab] bool: tokens present in the prompt
+        # penalties' sparse view (see logits_processors): distinct prompt/output tokens, output counts
+        self.seen_index: dict[int, int] | None = None  # token id -> position in seen_ids
+        self.seen_ids: list[int] = []
+        self.seen_counts: list[float] = []
+        self.num_counted_outputs = 0  # output_ids[:num_counted_outputs] are in seen_counts
         # the runner fills this across prefill chunks: entry i is prompt token i + 1 under position i
         self.prompt_logprobs: list[TokenLogprob] | None = None if submitted.params.prompt_logprobs is None else []
 
