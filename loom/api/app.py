@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from loom.api.convert import to_chat_request
-from loom.api.errors import APIError, BadRequestError, install_error_handlers, model_not_found
+from loom.api.errors import APIError, BadRequestError, UnprocessableEntityError, install_error_handlers, model_not_found
 from loom.api.middleware import RequestIdMiddleware
 from loom.api.protocol import ChatCompletionRequest
 from loom.api.protocol_response import ModelCard, ModelList
@@ -124,6 +124,5 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None
 
 
 def _as_api_error(exc: InvalidRequest) -> APIError:
-    err = BadRequestError(exc.message, param=exc.param)
-    err.status_code = exc.status_code
-    return err
+    error_class = UnprocessableEntityError if exc.status_code == 422 else BadRequestError
+    return error_class(exc.message, param=exc.param)
