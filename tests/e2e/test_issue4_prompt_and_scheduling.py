@@ -5,6 +5,8 @@ int64, and the accepted pass-through fields `vllm_xargs` and `kv_transfer_params
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -73,7 +75,8 @@ def test_nonzero_priority_under_fcfs_is_422(base_url: str) -> None:
 
 @pytest.fixture(scope="module")
 def priority_server(start_server: Callable[..., AbstractContextManager[Any]]) -> Iterator[Any]:
-    with start_server(scheduling_policy="priority", max_model_len=512) as live:
+    # one running request at a time: everything else waits, so admission order is observable
+    with start_server(scheduling_policy="priority", max_model_len=512, max_num_seqs=1) as live:
         yield live
 
 
@@ -82,6 +85,41 @@ def test_priority_is_served_under_priority_scheduling(priority_server: Any) -> N
     for priority in (-5, 0, 7):
         resp = complete(priority_server.base_url, CAPITAL, temperature=0, max_tokens=4, priority=priority)
         assert resp["usage"]["completion_tokens"] == 4
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the engine never reached the expected state"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_a_waiting_high_priority_request_is_admitted_before_earlier_low_priority_ones(priority_server: Any) -> None:
+    sched = priority_server.engine.core.scheduler
+    finished: list[str] = []
+
+    def run(name: str, priority: int, max_tokens: int) -> threading.Thread:
+        def call() -> None:
+            complete(priority_server.base_url, f"{name}: {CAPITAL}", temperature=0, max_tokens=max_tokens,
+                     ignore_eos=True, priority=priority)  # fmt: skip
+            finished.append(name)
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        return thread
+
+    threads = [run("occupant", 0, 96)]
+    wait_until(lambda: len(sched.running) == 1)  # the engine is saturated from here on
+    threads.append(run("low-1", 5, 4))
+    wait_until(lambda: len(sched.waiting) == 1)  # low-1 arrives before low-2
+    threads.append(run("low-2", 5, 4))
+    wait_until(lambda: len(sched.waiting) == 2)
+    threads.append(run("high", -5, 4))
+    wait_until(lambda: len(sched.waiting) == 3 or "occupant" in finished)
+    for thread in threads:
+        thread.join(timeout=300)
+    assert finished == ["occupant", "high", "low-1", "low-2"]
 
 
 # ---- cache_salt and cached_tokens ------------------------------------------------------------
