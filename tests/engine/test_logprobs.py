@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,6 @@ from loom.engine.runner import ModelRunner
 from loom.engine.sampler import Sampler, token_logprobs
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.scheduler import CoreOutput, Scheduler, SchedulerConfig, SchedulerOutput
-from loom.models.default import default_model_path
 from loom.models.llama import LlamaModel
 from loom.models.registry import load_model
 from loom.tokenizer import load_tokenizer
@@ -116,20 +114,8 @@ def test_sampled_token_rank_matches_its_position_in_the_raw_order() -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread() -> Iterator[None]:
-    """A tiny model on a busy machine: extra OpenMP threads make every op wait."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def model_path() -> Path:
-    try:
-        return default_model_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+def _one_thread(one_intra_op_thread: None) -> None:
+    """Every test of this module runs with one torch thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ request whose prefix is cached to pick exactly the greedy tokens it picks withou
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -333,24 +332,6 @@ SYSTEM = (
 
 
 @pytest.fixture(scope="module")
-def _one_intra_op_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def model_path() -> Path:
-    from loom.models.default import default_model_path
-
-    try:
-        return default_model_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
-
-
-@pytest.fixture(scope="module")
 def chat_prompts(model_path: Path) -> list[tuple[int, ...]]:
     from loom.tokenizer import load_tokenizer
 
@@ -364,7 +345,7 @@ def chat_prompts(model_path: Path) -> list[tuple[int, ...]]:
 
 
 @pytest.fixture(scope="module")
-def model(model_path: Path, _one_intra_op_thread: None) -> torch.nn.Module:
+def model(model_path: Path, one_intra_op_thread: None) -> torch.nn.Module:
     from loom.models.registry import load_model
 
     return load_model(model_path, torch.float32)

@@ -9,7 +9,7 @@ float32 rounding at the prompt's last position and at every decode step.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,6 @@ from loom.engine.request import EngineRequest, Request
 from loom.engine.runner import ModelRunner
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from loom.models.default import default_model_path
 from loom.models.llama import LlamaModel
 from loom.models.registry import load_model
 from loom.tokenizer import load_tokenizer
@@ -64,20 +63,8 @@ class Generation:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread() -> Iterator[None]:
-    """Both models are tiny: on a busy machine extra OpenMP threads make every op wait (10x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def model_path() -> Path:
-    try:
-        return default_model_path()
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+def _one_thread(one_intra_op_thread: None) -> None:
+    """Every test of this module runs with one torch thread (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
