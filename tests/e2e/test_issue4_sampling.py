@@ -7,41 +7,18 @@ values the model cannot honor (ids outside the vocabulary, biases outside -100..
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import httpx
 import pytest
+from wire import complete, post, stream
 
 from loom.engine import AsyncEngine
 
-MODEL = "SmolLM2-135M-Instruct"
 CAPITAL = "What is the capital of France?"  # greedy: "The capital of France is Paris." then EOS
 POEM = "Write a short poem about the sea."
 REPEAT = "Say the word 'hello' over and over again, at least twenty times."
 SUNSET = "Describe a sunset."
-
-
-def post(base_url: str, prompt: str, **fields: Any) -> httpx.Response:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], **fields}
-    return httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=300)
-
-
-def complete(base_url: str, prompt: str, **fields: Any) -> dict[str, Any]:
-    resp = post(base_url, prompt, **fields)
-    assert resp.status_code == 200, resp.text
-    return resp.json()  # type: ignore[no-any-return]
-
-
-def stream(base_url: str, prompt: str, **fields: Any) -> list[dict[str, Any]]:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "stream": True, **fields}
-    chunks = []
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=300) as resp:
-        assert resp.status_code == 200, resp.read()
-        for line in resp.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunks.append(json.loads(line[len("data: ") :]))
-    return chunks
 
 
 def token_ids_of(resp: dict[str, Any]) -> list[list[int]]:

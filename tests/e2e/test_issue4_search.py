@@ -4,38 +4,14 @@ ignore_eos), blocking and streaming."""
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
-import httpx
 import pytest
+from wire import complete, post, stream
 
-MODEL = "SmolLM2-135M-Instruct"
 CAPITAL = "What is the capital of France?"
 POEM = "Write a short poem about the sea."
-
-
-def post(base_url: str, prompt: str, **fields: Any) -> httpx.Response:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], **fields}
-    return httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=600)
-
-
-def complete(base_url: str, prompt: str, **fields: Any) -> dict[str, Any]:
-    resp = post(base_url, prompt, **fields)
-    assert resp.status_code == 200, resp.text
-    return resp.json()  # type: ignore[no-any-return]
-
-
-def stream(base_url: str, prompt: str, **fields: Any) -> list[dict[str, Any]]:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "stream": True, **fields}
-    chunks = []
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=600) as resp:
-        assert resp.status_code == 200, resp.read()
-        for line in resp.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunks.append(json.loads(line[len("data: ") :]))
-    return chunks
 
 
 def streamed_text(chunks: list[dict[str, Any]], index: int) -> str:
