@@ -7,6 +7,7 @@ and readiness. Never samples or touches SQL.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from loom.api.convert import to_chat_request
 from loom.api.errors import APIError, BadRequestError, UnprocessableEntityError, install_error_handlers, model_not_found
 from loom.api.middleware import RequestIdMiddleware
-from loom.api.protocol import ChatCompletionRequest
+from loom.api.protocol import ChatCompletionRequest, ignored_extra_fields
 from loom.api.protocol_response import ModelCard, ModelList
 from loom.api.render import ChunkOptions, ChunkWriter, completion_response
 from loom.engine import AsyncEngine
@@ -28,6 +29,7 @@ from loom.serving.prepare import PreparedChat
 from loom.serving.types import InvalidRequest
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 CHAT_PATHS = ("/v1/chat/completions", "/v1/chat/completions/", "/api/v1/chat/completions")
 
 
@@ -66,6 +68,8 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
         if body.model is not None and body.model != config.served_model_name:
             raise model_not_found(body.model)
         chat_req = to_chat_request(body, request.headers.get("x-request-id"))
+        if extra := ignored_extra_fields(body):  # the spec allows unknown fields; say which went unused
+            log.warning("request %s: fields no spec page defines were accepted and not used: %s", chat_req.request_id, extra)
         headers = {"x-request-id": chat_req.request_id}
         try:
             prepared = chat.prepare(chat_req)  # errors here still get a plain 4xx, not a broken stream
