@@ -30,7 +30,8 @@ class ChatMessage:
     extra: Mapping[str, Any] = field(default_factory=dict)  # name, tool_calls, ... passed to the template
 
     def as_template_dict(self) -> dict[str, Any]:
-        return {**self.extra, "role": self.role, "content": self.content}
+        # content None (an assistant turn that only called tools) renders as empty text, not "None"
+        return {**self.extra, "role": self.role, "content": "" if self.content is None else self.content}
 
 
 @dataclass(frozen=True, slots=True)
