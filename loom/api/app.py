@@ -1,7 +1,8 @@
 """`create_app(config, engine)`: the FastAPI application. No module-level app.
 
-Owns routes and their path aliases, the request id header, SSE streaming with disconnect -> abort,
-and readiness. Never samples or touches SQL.
+Owns routes and their path aliases, the request id header, the edge limits (body size and read
+time, request sizes, CORS), SSE streaming with disconnect -> abort, and readiness. Bodies are
+parsed strictly (`strict_json`). Never samples or touches SQL.
 """
 
 from __future__ import annotations
@@ -11,19 +12,24 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from loom.api.common import as_api_error, check_model, server_failed
+from loom.api.config import ServerConfig
 from loom.api.convert import to_chat_request
-from loom.api.errors import APIError, BadRequestError, UnprocessableEntityError, install_error_handlers, model_not_found
-from loom.api.middleware import RequestIdMiddleware
+from loom.api.errors import InternalServerError, install_error_handlers
+from loom.api.limits import enforce_limits
+from loom.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from loom.api.protocol import ChatCompletionRequest, ignored_extra_fields
-from loom.api.protocol_response import ModelCard, ModelList
 from loom.api.render import ChunkOptions, ChunkWriter, completion_response
-from loom.engine import AsyncEngine
+from loom.api.routes_info import info_router
+from loom.api.routes_tokens import tokens_router
+from loom.api.strict_json import StrictJSONRoute
+from loom.engine import AsyncEngine, EngineError
 from loom.serving.chat import ChatService
 from loom.serving.prepare import PreparedChat
 from loom.serving.types import InvalidRequest
@@ -33,14 +39,8 @@ log = logging.getLogger(__name__)
 CHAT_PATHS = ("/v1/chat/completions", "/v1/chat/completions/", "/api/v1/chat/completions")
 
 
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    served_model_name: str
-    model_path: str
-
-
 def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
-    chat = ChatService(engine, config.served_model_name)
+    chat = ChatService(engine, config.model_name)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -49,38 +49,42 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
         engine.shutdown()
 
     app = FastAPI(title="Loom", version="0.1.0", lifespan=lifespan)
+    app.router.route_class = StrictJSONRoute
     install_error_handlers(app)
-
+    # Starlette runs the last added outermost: request id (and the catch-all 500) around everything
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(config.cors.allowed_origins),
+        allow_methods=list(config.cors.allowed_methods),
+        allow_headers=list(config.cors.allowed_headers),
+    )
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes, timeout_s=config.limits.body_timeout_s
+    )
     app.add_middleware(RequestIdMiddleware)
-
-    @app.get("/health")
-    async def health() -> Response:
-        if not engine.is_running:
-            return JSONResponse({"status": "starting"}, status_code=503)
-        return JSONResponse({"status": "ok"})
-
-    @app.get("/v1/models")
-    async def models() -> ModelList:
-        card = ModelCard(id=config.served_model_name, root=config.model_path, max_model_len=engine.max_model_len)
-        return ModelList(data=[card])
+    app.include_router(info_router(config.served_model_names, lambda: engine.max_model_len, lambda: engine.is_running))
+    app.include_router(tokens_router(chat, config))
 
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        if body.model is not None and body.model != config.served_model_name:
-            raise model_not_found(body.model)
+        check_model(body.model, config)
+        enforce_limits(body, config.limits)
         chat_req = to_chat_request(body, request.headers.get("x-request-id"))
         if extra := ignored_extra_fields(body):  # the spec allows unknown fields; say which went unused
-            log.warning("request %s: fields no spec page defines were accepted and not used: %s", chat_req.request_id, extra)
+            log.warning("request %s: fields no spec page defines were accepted and not used: %s", chat_req.request_id, extra[:20])
         headers = {"x-request-id": chat_req.request_id}
         try:
-            prepared = chat.prepare(chat_req)  # errors here still get a plain 4xx, not a broken stream
+            prepared = await chat.prepare(chat_req)  # errors here still get a plain 4xx, not a broken stream
         except InvalidRequest as exc:
-            raise _as_api_error(exc) from exc
+            raise as_api_error(exc) from exc
         if body.stream:
             return _stream(chat, prepared, body, headers)
-        result = await _unless_disconnected(request, chat.complete(prepared))
+        try:
+            result = await _unless_disconnected(request, chat.complete(prepared))
+        except EngineError as exc:  # logged by the engine; the client learns only that it failed
+            raise InternalServerError(server_failed(chat_req.request_id), headers=headers) from exc
         if result is None:
             return Response(status_code=499)
-        response = completion_response(result, config.served_model_name, chat_req.report)
+        response = completion_response(result, config.model_name, chat_req.report)
         return JSONResponse(response.model_dump(), headers=headers)
 
     for path in CHAT_PATHS:
@@ -125,8 +129,3 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None
             await asyncio.gather(task, return_exceptions=True)
             return None
     return task.result()
-
-
-def _as_api_error(exc: InvalidRequest) -> APIError:
-    error_class = UnprocessableEntityError if exc.status_code == 422 else BadRequestError
-    return error_class(exc.message, param=exc.param)

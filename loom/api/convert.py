@@ -6,6 +6,7 @@ context window and scheduling policy are serving's to check.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from loom.api.errors import UnprocessableEntityError, unsupported_parameters
@@ -26,17 +27,22 @@ def to_chat_request(req: ChatCompletionRequest, header_request_id: str | None = 
         raise unsupported_parameters(unsupported)
     if req.use_beam_search:
         _check_beam_search_fields(req)
+    max_tokens = resolved_max_tokens(req)
+    if max_tokens is not None and req.min_tokens > max_tokens:
+        raise UnprocessableEntityError(
+            f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})", param="min_tokens"
+        )
     return ChatRequest(
         request_id=req.request_id or header_request_id or random_id("chatcmpl"),
-        messages=tuple(_message(i, m) for i, m in enumerate(req.messages)),
+        messages=chat_messages(req.messages),
         sampling=_sampling_params(req),
         n=req.n or 1,
-        template=TemplateOptions(
+        template=template_options(
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
             add_special_tokens=req.add_special_tokens,
             chat_template=req.chat_template,
-            chat_template_kwargs=dict(req.chat_template_kwargs or {}),
+            chat_template_kwargs=req.chat_template_kwargs,
         ),
         report=ReportOptions(
             logprobs=bool(req.logprobs),
@@ -113,6 +119,27 @@ def _repetition_detection(req: ChatCompletionRequest) -> RepetitionDetection | N
     if spec is None or spec.max_pattern_size == 0:
         return None
     return RepetitionDetection(spec.max_pattern_size, spec.min_pattern_size or 1, spec.min_count)
+
+
+def chat_messages(messages: Sequence[Any]) -> tuple[ChatMessage, ...]:
+    return tuple(_message(i, m) for i, m in enumerate(messages))
+
+
+def template_options(
+    *,
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    add_special_tokens: bool,
+    chat_template: str | None,
+    chat_template_kwargs: dict[str, Any] | None,
+) -> TemplateOptions:
+    return TemplateOptions(
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        add_special_tokens=add_special_tokens,
+        chat_template=chat_template,
+        chat_template_kwargs=dict(chat_template_kwargs or {}),
+    )
 
 
 def _message(index: int, message: Any) -> ChatMessage:

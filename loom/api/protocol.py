@@ -1,5 +1,7 @@
 """`ChatCompletionRequest`: the body of `POST /v1/chat/completions`, as every spec page spells it.
 
+`SamplingFields` holds what it shares with `/v1/completions` (`protocol_completions`).
+
 Owns the request's wire shape (the union of the fields in `spec/` 000-004 plus the OpenAI SDK's
 own, each with the spec's type and default), the range checks that make a bad value a 422 naming
 its field, and the table of which fields the engine honors today (`unsupported_fields`). It never
@@ -27,6 +29,10 @@ from loom.api.protocol_messages import (
 )
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_INT32_MAX = 2**31 - 1  # counts and token ids: what the engine's int tensors hold
+_MAX_REPETITION_PENALTY = 1e4  # finite and far past any useful value
+_MAX_LENGTH_PENALTY = 1e3
+MAX_REQUEST_ID_CHARS = 256
 MAX_LOGPROBS = 20  # top_logprobs and prompt_logprobs (OpenAI's and vLLM's default maximum)
 LOGIT_BIAS_LIMIT = 100.0
 # Keys of `vllm_xargs` some Loom extension reads. vLLM hands these to custom logits processors;
@@ -103,6 +109,13 @@ class StructuredOutputs(WireModel):
     backend: str | None = Field(default=None, alias="_backend")
     backend_was_auto: bool = Field(default=False, alias="_backend_was_auto")
 
+    @field_validator("choice")
+    @classmethod
+    def _choices_not_empty(cls, choices: list[str] | None) -> list[str] | None:
+        if choices is not None and not choices:
+            raise ValueError("choice must list at least one choice")
+        return choices
+
 
 class RepetitionDetection(WireModel):
     """vLLM's `RepetitionDetectionParams`: `max_pattern_size` 0 turns it off; a `min_pattern_size`
@@ -125,46 +138,47 @@ class RepetitionDetection(WireModel):
         return self
 
 
-# ---- the request -----------------------------------------------------------------------------
+# ---- the fields chat and completions share ----------------------------------------------------
 
 XArgValue = str | int | float | list[str | int | float]
+# printable ASCII: request_id becomes the `x-request-id` header and the response id
+_PRINTABLE_ASCII = r"^[\x20-\x7e]+$"
+_NO_CONTROL_CHARS = r"^[^\x00-\x1f\x7f]+$"
 
 
-class ChatCompletionRequest(WireModel):
-    # -- what to run
-    messages: list[ChatMessageParam] = Field(min_length=1)
+class SamplingFields(WireModel):
+    """What `/v1/chat/completions` and `/v1/completions` share: length, stopping, sampling,
+    penalties, token reports, streaming, structured outputs, scheduling and caching."""
+
     model: str | None = None  # None: the server's default model
 
     # -- length and stopping
-    max_tokens: int | None = Field(default=None, ge=1)  # deprecated by OpenAI, still common
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    min_tokens: int = Field(default=0, ge=0)
+    max_tokens: int | None = Field(default=None, ge=1, le=_INT32_MAX)
+    min_tokens: int = Field(default=0, ge=0, le=_INT32_MAX)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=_INT32_MAX)]] | None = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
 
     # -- sampling
-    n: int | None = Field(default=1, ge=1, le=20)
+    n: int | None = Field(default=1, ge=1)  # the upper bound is the server's (RequestLimits.max_n)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)  # -1 and 0 mean off
+    top_k: int | None = Field(default=None, ge=-1, le=_INT32_MAX)  # -1 and 0 mean off
     min_p: float | None = Field(default=None, ge=0, le=1)
     seed: int | None = Field(default=None, ge=_INT64_MIN, le=_INT64_MAX)
     frequency_penalty: float | None = Field(default=0.0, ge=-2, le=2)
     presence_penalty: float | None = Field(default=0.0, ge=-2, le=2)
-    repetition_penalty: float | None = Field(default=None, gt=0)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=_MAX_REPETITION_PENALTY)
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in -100..100
-    allowed_token_ids: list[int] | None = None
+    allowed_token_ids: list[Annotated[int, Field(ge=0, le=_INT32_MAX)]] | None = None
     bad_words: list[str] | None = None
-    best_of: int | None = Field(default=None, ge=1, le=20)  # as n: each candidate is a full generation
+    best_of: int | None = Field(default=None, ge=1)  # as n: each candidate is a full generation
     use_beam_search: bool = False
-    length_penalty: float = 1.0
+    length_penalty: float = Field(default=1.0, ge=-_MAX_LENGTH_PENALTY, le=_MAX_LENGTH_PENALTY)
     repetition_detection: RepetitionDetection | None = None
 
     # -- log probabilities and token ids
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     prompt_logprobs: int | None = Field(default=None, ge=-1)  # -1 (the whole vocabulary) is over the max
     return_tokens_as_token_ids: bool | None = None
     return_token_ids: bool | None = None
@@ -172,13 +186,6 @@ class ChatCompletionRequest(WireModel):
     # -- streaming
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-
-    # -- tools
-    tools: list[ToolParam] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = "none"
-    parallel_tool_calls: bool | None = True
-    functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated form of tools
-    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
 
     # -- structured outputs: three spellings, all accepted (DESIGN.md "Names on the wire")
     response_format: AnyResponseFormat | None = None
@@ -190,48 +197,37 @@ class ChatCompletionRequest(WireModel):
     guided_decoding_backend: str | None = None
     guided_whitespace_pattern: str | None = None
 
-    # -- reasoning
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = (
-        None
-    )
-    include_reasoning: bool = True
-    reasoning_content: bool | None = False  # spec 001: "enable reasoning content in response"
-
-    # -- prompt rendering
+    # -- prompt rendering and detokenizing
     echo: bool = False
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
     add_special_tokens: bool = False
-    documents: list[dict[str, str]] | None = None
-    chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
-    mm_processor_kwargs: dict[str, Any] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    truncate_prompt_tokens: int | None = Field(default=None, ge=-1)  # -1: the model's length
+    truncate_prompt_tokens: int | None = Field(default=None, ge=-1, le=_INT32_MAX)  # -1: the model's length
 
     # -- scheduling and caching
     priority: int = Field(default=0, ge=_INT64_MIN, le=_INT64_MAX)
-    request_id: str | None = None  # None: the server makes one
-    cache_salt: str | None = Field(default=None, min_length=1)
+    request_id: str | None = Field(default=None, max_length=MAX_REQUEST_ID_CHARS, pattern=_PRINTABLE_ASCII)
+    cache_salt: str | None = Field(default=None, min_length=1, pattern=_NO_CONTROL_CHARS)
     kv_transfer_params: dict[str, Any] | None = None
     vllm_xargs: dict[str, XArgValue] | None = None
-
-    # -- OpenAI fields outside the spec pages, typed so that using one is visible
     user: str | None = None
-    safety_identifier: str | None = None
-    metadata: dict[str, str] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
-    prompt_cache_key: str | None = None
-    modalities: list[str] | None = None
-    audio: dict[str, Any] | None = None
-    prediction: dict[str, Any] | None = None
-    web_search_options: dict[str, Any] | None = None
-    verbosity: Literal["low", "medium", "high"] | None = None
 
     # Cross-field checks are field validators (declared after the fields they read) so a
     # failure names the offending field in `loc`, never the whole body.
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings_not_empty(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if stop is not None and any(not s for s in ([stop] if isinstance(stop, str) else stop)):
+            raise ValueError("stop strings must not be empty (an empty string would match everywhere)")
+        return stop
+
+    @field_validator("bad_words")
+    @classmethod
+    def _bad_words_not_blank(cls, words: list[str] | None) -> list[str] | None:
+        if words is not None and any(not w.strip() for w in words):
+            raise ValueError("bad_words must not be empty or blank")
+        return words
 
     @field_validator("best_of")
     @classmethod
@@ -241,32 +237,21 @@ class ChatCompletionRequest(WireModel):
             raise ValueError(f"best_of must be >= n (n={n})")
         return best_of
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _top_logprobs_need_logprobs(
-        cls, top_logprobs: int | None, info: ValidationInfo
-    ) -> int | None:
-        if top_logprobs and not info.data.get("logprobs"):
-            raise ValueError("top_logprobs requires logprobs to be true")
-        return top_logprobs
-
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias_ids_and_range(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key, value in (bias or {}).items():
             if not _is_token_id(key):
-                raise ValueError(f"logit_bias keys are token ids (non-negative integers), got {key!r}")
+                raise ValueError(f"logit_bias keys are token ids (non-negative integers), got {key[:32]!r}")
             if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
                 raise ValueError(f"logit_bias values must be in -100..100, got {value} for token {key}")
         return bias
 
     @field_validator("allowed_token_ids")
     @classmethod
-    def _allowed_ids_are_ids(cls, ids: list[int] | None) -> list[int] | None:
+    def _allowed_ids_not_empty(cls, ids: list[int] | None) -> list[int] | None:
         if ids is not None and not ids:
             raise ValueError("allowed_token_ids must not be empty (nothing could be sampled)")
-        if ids is not None and min(ids) < 0:
-            raise ValueError("allowed_token_ids are token ids (non-negative integers)")
         return ids
 
     @field_validator("prompt_logprobs")
@@ -275,6 +260,20 @@ class ChatCompletionRequest(WireModel):
         if k is not None and (k < 0 or k > MAX_LOGPROBS):
             raise ValueError(f"prompt_logprobs must be in 0..{MAX_LOGPROBS} (-1, the whole vocabulary, is over it)")
         return k
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream: true")
+        return options
+
+    @field_validator("guided_choice")
+    @classmethod
+    def _choices_not_empty(cls, choices: list[str] | None) -> list[str] | None:
+        if choices is not None and not choices:
+            raise ValueError("guided_choice must list at least one choice")
+        return choices
 
     @field_validator("truncate_prompt_tokens")
     @classmethod
@@ -288,8 +287,63 @@ class ChatCompletionRequest(WireModel):
     def _xargs_are_known(cls, xargs: dict[str, XArgValue] | None) -> dict[str, XArgValue] | None:
         unknown = sorted(set(xargs or {}) - KNOWN_VLLM_XARGS)
         if unknown:
-            raise ValueError(f"no extension of this server reads vllm_xargs {unknown}")
+            raise ValueError(f"no extension of this server reads vllm_xargs {unknown[:5]}")
         return xargs
+
+
+# ---- the chat request ------------------------------------------------------------------------
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessageParam] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=_INT32_MAX)
+
+    # -- log probabilities (chat's shape: a flag and a count)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    # -- tools
+    tools: list[ToolParam] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = "none"
+    parallel_tool_calls: bool | None = True
+    functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated form of tools
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
+
+    # -- reasoning
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = (
+        None
+    )
+    include_reasoning: bool = True
+    reasoning_content: bool | None = False  # spec 001: "enable reasoning content in response"
+
+    # -- prompt rendering
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    documents: list[dict[str, str]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+
+    # -- OpenAI fields outside the spec pages, typed so that using one is visible
+    safety_identifier: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(
+        cls, top_logprobs: int | None, info: ValidationInfo
+    ) -> int | None:
+        if top_logprobs and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return top_logprobs
 
     @field_validator("continue_final_message")
     @classmethod
@@ -302,7 +356,7 @@ class ChatCompletionRequest(WireModel):
 
 
 def _is_token_id(key: str) -> bool:
-    return key.strip().isdigit()
+    return 0 < len(key) <= 10 and key.isascii() and key.isdigit()
 
 
 # ---- helpers for the converter ---------------------------------------------------------------

@@ -23,9 +23,14 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 
 class WireModel(BaseModel):
-    """Base of request-side wire models: the spec allows extra properties everywhere."""
+    """Base of request-side wire models: the spec allows extra properties everywhere.
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    Strict: `"10"` or `true` is not a number and `1.5` is not an int (no silent coercion), and a
+    float must be finite (the JSON parser refuses NaN / Infinity before this; this guards
+    callers that build models from Python values).
+    """
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True, allow_inf_nan=False)
 
 
 def _tagged(default: str | None, simple_keys: tuple[str, ...] = ()) -> Discriminator:

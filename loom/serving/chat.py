@@ -64,9 +64,11 @@ class ChatService:
         self.engine = engine
         self.model_name = model_name
 
-    def prepare(self, req: ChatRequest) -> PreparedChat:
-        """Raises `InvalidRequest` for anything the model cannot honor, before any work starts."""
-        return prepare(req, self.engine)
+    async def prepare(self, req: ChatRequest) -> PreparedChat:
+        """Raises `InvalidRequest` for anything the model cannot honor, before any work starts.
+
+        Rendering and tokenizing run off the event loop: a large prompt never stalls other requests."""
+        return await asyncio.to_thread(prepare, req, self.engine)
 
     def _formatter(self, prep: PreparedChat) -> LogprobFormatter:
         return LogprobFormatter(self.engine.tokenizer, prep.req.report.tokens_as_ids)

@@ -43,12 +43,16 @@ class PreparedChat:
 
 
 def prepare(req: ChatRequest, engine: AsyncEngine) -> PreparedChat:
+    """Blocking (renders and tokenizes): callers on an event loop run it in a worker thread."""
     tok = engine.tokenizer
     _check_priority(req, engine.scheduling_policy)
     _check_token_ids(req.sampling, tok.vocab_size)
     prompt_ids = tokenize_prompt(req, tok, engine.max_model_len)
+    _check_min_tokens(req.sampling, len(prompt_ids), engine.max_model_len)
+    top_k = req.sampling.top_k
     sampling = dataclasses.replace(
         req.sampling,
+        top_k=None if top_k is not None and top_k >= tok.vocab_size else top_k,  # the whole vocabulary: off
         bad_words_ids=bad_words_ids(req.bad_words, tok),
         logprobs=_engine_logprobs(req),
         prompt_logprobs=req.report.prompt_logprobs,
@@ -56,10 +60,15 @@ def prepare(req: ChatRequest, engine: AsyncEngine) -> PreparedChat:
     return PreparedChat(req, tuple(prompt_ids), sampling, _echo_text(req))
 
 
-def tokenize_prompt(req: ChatRequest, tok: Tokenizer, max_model_len: int) -> list[int]:
+def encode_chat(req: ChatRequest, tok: Tokenizer) -> list[int]:
+    """The rendered chat's token ids, before truncation or any context check."""
     special = {"bos_token": tok.bos_token, "eos_token": tok.eos_token}
     text = render_chat(req.messages, req.template, tok.chat_template, special)
-    prompt_ids = tok.encode(text, add_special_tokens=req.template.add_special_tokens)
+    return tok.encode(text, add_special_tokens=req.template.add_special_tokens)
+
+
+def tokenize_prompt(req: ChatRequest, tok: Tokenizer, max_model_len: int) -> list[int]:
+    prompt_ids = encode_chat(req, tok)
     max_tokens = req.sampling.max_tokens
     keep = req.truncate_prompt_tokens
     if keep == -1:  # the model's limit: as much as leaves room for the completion
@@ -81,6 +90,16 @@ def _check_context(num_prompt: int, max_tokens: int | None, limit: int) -> None:
         )
 
 
+def _check_min_tokens(sampling: SamplingParams, num_prompt: int, limit: int) -> None:
+    room = limit - num_prompt
+    if sampling.min_tokens > room:
+        raise InvalidRequest(
+            f"min_tokens is {sampling.min_tokens}, but the context window of {limit} tokens leaves room for "
+            f"{room} after the {num_prompt} prompt tokens",
+            "min_tokens",
+        )
+
+
 def _check_priority(req: ChatRequest, policy: str) -> None:
     if req.priority != 0 and policy != "priority":
         raise InvalidRequest(
@@ -95,6 +114,7 @@ def _check_token_ids(sampling: SamplingParams, vocab_size: int) -> None:
     for name, ids in (
         ("logit_bias", [token_id for token_id, _ in sampling.logit_bias]),
         ("allowed_token_ids", list(sampling.allowed_token_ids or ())),
+        ("stop_token_ids", list(sampling.stop_token_ids)),
     ):
         outside = sorted({i for i in ids if not 0 <= i < vocab_size})
         if outside:

@@ -144,7 +144,7 @@ def test_unsupported_field_is_422_naming_it(client: TestClient) -> None:
     resp = post(client, response_format={"type": "json_object"}, tools=[{"type": "function", "function": {"name": "f"}}])
     assert resp.status_code == 422
     error = assert_envelope(resp.json(), "invalid_request_error")
-    assert error["param"] == "tools" and error["code"] == "unsupported_parameter"  # field order
+    assert error["param"] == "response_format" and error["code"] == "unsupported_parameter"  # field order
     assert "'response_format'" in error["message"]
 
 

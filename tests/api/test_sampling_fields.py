@@ -37,7 +37,7 @@ def parse(**fields: Any) -> ChatCompletionRequest:
         ({"repetition_detection": {"max_pattern_size": 2, "min_pattern_size": 3, "min_count": 2}}, "repetition_detection"),
         ({"repetition_detection": {"min_count": 3}}, "repetition_detection"),
         ({"priority": 2**63}, "priority"),
-        ({"best_of": 21}, "best_of"),
+        ({"best_of": 1, "n": 2}, "best_of"),
     ],
 )
 def test_bad_values_name_their_field(fields: dict[str, Any], loc: str) -> None:

@@ -23,8 +23,10 @@ import uvicorn
 from openai.types.chat import ChatCompletion
 
 from loom.api.app import ServerConfig, create_app
+from loom.api.limits import RequestLimits
+from loom.api.server import server_config
 from loom.engine import AsyncEngine, EngineConfig, EngineError, build_engine
-from loom.models.default import default_model_path
+from loom.models.default import DEFAULT_MODEL_HUB_ID, default_model_path
 
 MODEL = "SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 2048
@@ -74,15 +76,16 @@ def _wait_healthy(base_url: str, thread: threading.Thread) -> None:
 
 
 @contextmanager
-def serve(**engine_fields: Any) -> Iterator[LiveServer]:
+def serve(server_fields: dict[str, Any] | None = None, **engine_fields: Any) -> Iterator[LiveServer]:
     """Builds an engine of the default model (float32, `engine_fields` over the suite's defaults)
-    and serves it on a free port until the block ends."""
+    and serves it on a free port until the block ends; `server_fields` go to `ServerConfig`."""
+    server_fields = server_fields or {}
     model_path = str(default_model_path())
     fields: dict[str, Any] = {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "kv_cache_gib": 0.25, **engine_fields}
     engine = build_engine(EngineConfig(model_path=model_path, served_model_name=MODEL, **fields))
-    app = create_app(ServerConfig(served_model_name=MODEL, model_path=model_path), engine)
+    app = create_app(ServerConfig(served_model_names=(MODEL, DEFAULT_MODEL_HUB_ID), **server_fields), engine)
     port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    uv = uvicorn.Server(server_config(app, "127.0.0.1", port, app_limits(server_fields), "warning"))
     thread = threading.Thread(target=lambda: asyncio.run(uv.serve()), name=f"loom-e2e-server-{port}", daemon=True)
     thread.start()
     base_url = f"http://127.0.0.1:{port}"
@@ -92,6 +95,12 @@ def serve(**engine_fields: Any) -> Iterator[LiveServer]:
     finally:
         uv.should_exit = True
         thread.join(timeout=30)
+
+
+def app_limits(server_fields: dict[str, Any]) -> RequestLimits:
+    limits = server_fields.get("limits", RequestLimits())
+    assert isinstance(limits, RequestLimits)
+    return limits
 
 
 @pytest.fixture(scope="session")

@@ -50,7 +50,7 @@ def request(**fields: object) -> ChatRequest:
 async def test_best_of_keeps_the_most_likely_and_counts_every_candidate() -> None:
     service = ChatService(ScriptedEngine(), "toy")  # type: ignore[arg-type]
     req = request(n=2, search=SearchOptions(best_of=3))
-    result = await service.complete(service.prepare(req))
+    result = await service.complete(await service.prepare(req))
     assert [c.token_ids for c in result.choices] == [(2, 3), (0, 4)]
     assert [c.index for c in result.choices] == [0, 1]
     assert all(c.logprobs is None for c in result.choices)
@@ -61,7 +61,7 @@ async def test_best_of_keeps_the_most_likely_and_counts_every_candidate() -> Non
 async def test_held_back_tokens_ride_with_the_next_piece() -> None:
     service = ChatService(ScriptedEngine(), "toy")  # type: ignore[arg-type]
     req = request(n=2, report=ReportOptions(logprobs=True, token_ids=True, prompt_logprobs=0))
-    deltas = [d async for d in service.stream(service.prepare(req))]
+    deltas = [d async for d in service.stream(await service.prepare(req))]
     second = [d for d in deltas if d.index == 1]
     assert [(d.text, d.token_ids) for d in second] == [("c.", (2, 3))]
     assert second[0].logprobs is not None and len(second[0].logprobs) == 2
@@ -74,15 +74,15 @@ async def test_echo_comes_first_in_a_stream_and_in_front_of_the_text() -> None:
     service = ChatService(ScriptedEngine(), "toy")  # type: ignore[arg-type]
     messages = (ChatMessage("user", "ab"), ChatMessage("assistant", "ca"))
     req = ChatRequest("r", messages, SamplingParams(max_tokens=2), report=ReportOptions(echo=True))
-    deltas = [d async for d in service.stream(service.prepare(req))]
+    deltas = [d async for d in service.stream(await service.prepare(req))]
     assert deltas[0].text == "ca" and deltas[0].token_ids == ()
     assert "".join(d.text for d in deltas) == "caab"
-    result = await service.complete(service.prepare(req))
+    result = await service.complete(await service.prepare(req))
     assert result.choices[0].text == "caab"
 
 
 async def test_a_buffered_best_of_stream_says_what_the_blocking_answer_says() -> None:
     service = ChatService(ScriptedEngine(), "toy")  # type: ignore[arg-type]
     req = request(n=1, search=SearchOptions(best_of=3))
-    deltas = [d async for d in service.stream(service.prepare(req))]
+    deltas = [d async for d in service.stream(await service.prepare(req))]
     assert [(d.index, d.text, d.finish_reason) for d in deltas] == [(0, "c.", "length")]

@@ -50,6 +50,14 @@ class ToyEngine:
         self.max_model_len = max_model_len
         self.scheduling_policy = scheduling_policy
         self.requests: list[tuple[str, tuple[int, ...], SamplingParams]] = []
+        self.is_running = False
+
+    # the lifecycle `create_app` drives
+    def start(self) -> None:
+        self.is_running = True
+
+    def shutdown(self) -> None:
+        self.is_running = False
 
     async def generate(
         self,

@@ -1,0 +1,21 @@
+"""Checks and error mappings every generating route shares."""
+
+from __future__ import annotations
+
+from loom.api.config import ServerConfig
+from loom.api.errors import APIError, BadRequestError, UnprocessableEntityError, model_not_found
+from loom.serving.types import InvalidRequest
+
+
+def server_failed(request_id: str) -> str:
+    return f"The server had an error while processing request {request_id}."
+
+
+def check_model(model: str | None, config: ServerConfig) -> None:
+    if model is not None and model not in config.served_model_names:
+        raise model_not_found(model)
+
+
+def as_api_error(exc: InvalidRequest) -> APIError:
+    error_class = UnprocessableEntityError if exc.status_code == 422 else BadRequestError
+    return error_class(exc.message, param=exc.param)
