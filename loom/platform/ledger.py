@@ -1,0 +1,195 @@
+"""Balances: credit, holds, settlement, and the usage rows they write.
+
+Every change of an account's money is one transaction under `Database.account_lock`, so the
+balance check and the debit can never be split by another request, another thread or another
+server process on the same database:
+
+    hold    balance -= worst case, held += worst case     (refused: `Insufficient`, nothing written)
+    settle  held -= hold, balance += hold - cost           (+ one usage row, status ok / client_disconnected)
+    release held -= hold, balance += hold                  (+ one usage row, status error / rejected)
+
+Holds are keyed by a server-generated id (`new_hold_id`), never the client's `request_id`.
+Each verb is idempotent: placing a hold id twice debits once; closing a closed hold returns the
+first settlement. A settlement never costs more than its hold (prices are fixed at hold time).
+Never decides who the caller is or whether a rate limit allows the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+
+from loom.platform.db import CLIENT_TEXT_LEN, MODEL_LEN, Account, CreditGrant, Hold, ModelPrice, Usage, utcnow
+from loom.platform.keys import ensure_account
+from loom.platform.money import FREE, Price, token_cost, worst_case_cost
+from loom.platform.store import Database
+from loom.platform.types import Ending, Estimate, FinalUsage, Held, Insufficient, Principal, RequestMeta, Settlement
+
+log = logging.getLogger(__name__)
+
+
+def new_hold_id() -> str:
+    return secrets.token_hex(16)
+
+
+def get_price(db: Database, model: str) -> Price:
+    with db.read() as session:
+        row = session.get(ModelPrice, model[:MODEL_LEN])
+    if row is None:
+        return FREE
+    return Price(row.input_micros, row.cached_input_micros, row.output_micros)
+
+
+def hold(db: Database, hold_id: str, who: Principal, estimate: Estimate) -> Held | Insufficient:
+    """Reserves the worst case of `estimate` on `who`'s balance under `hold_id`."""
+    price = get_price(db, estimate.model)
+    amount = worst_case_cost(price, estimate.prompt_tokens, estimate.max_completion_tokens)
+    with db.account_lock(who.account_id) as (session, account):
+        if account is None:
+            return Insufficient(balance_micros=0, needed_micros=amount)
+        existing = session.get(Hold, hold_id)
+        if existing is not None:
+            return Held(existing.id, existing.amount_micros)
+        if account.balance_micros < amount:
+            return Insufficient(balance_micros=account.balance_micros, needed_micros=amount)
+        account.balance_micros -= amount
+        account.held_micros += amount
+        session.add(
+            Hold(
+                id=hold_id,
+                account_id=account.id,
+                key_id=who.key_id,
+                model=client_text(estimate.model) or "",
+                amount_micros=amount,
+                input_micros=price.input_micros,
+                cached_input_micros=price.cached_input_micros,
+                output_micros=price.output_micros,
+                state="held",
+            )
+        )
+    return Held(hold_id, amount)
+
+
+def close(
+    db: Database, hold_id: str, account_id: int, used: FinalUsage, ending: Ending, meta: RequestMeta, latency_ms: int
+) -> Settlement:
+    """Settles (billed endings) or releases (the others) `hold_id`, writing its usage row. Idempotent."""
+    with db.account_lock(account_id) as (session, account):
+        held = session.get(Hold, hold_id)
+        if held is None or account is None or held.account_id != account_id:
+            raise LookupError("no such hold on this account")
+        if held.state != "held":
+            row = session.get_one(Usage, hold_id)
+            return Settlement(hold_id, row.cost_micros, Ending(row.status))
+        cost = _cost(held, used) if ending.billed else 0
+        account.held_micros -= held.amount_micros
+        account.balance_micros += held.amount_micros - cost
+        held.state = "settled" if ending.billed else "released"
+        held.closed_at = utcnow()
+        session.add(_usage_row(hold_id, held.account_id, held.key_id, held.model, used, cost, ending, meta, latency_ms))
+    return Settlement(hold_id, cost, ending)
+
+
+def record_rejected(db: Database, who: Principal, model: str, meta: RequestMeta, latency_ms: int) -> str:
+    """A usage row for a request refused before any hold (402, or 429 on tokens): it cost nothing."""
+    row_id = new_hold_id()
+    with db.write() as session:
+        session.add(_usage_row(row_id, who.account_id, who.key_id, model, FinalUsage(), 0, Ending.REJECTED, meta, latency_ms))
+    return row_id
+
+
+def release_stale_holds(db: Database, older_than: timedelta) -> int:
+    """Releases holds a crashed server left open (a server-side failure costs nothing)."""
+    cutoff = utcnow() - older_than
+    with db.read() as session:
+        stale = list(session.execute(select(Hold.id, Hold.account_id).where(Hold.state == "held", Hold.created_at < cutoff)))
+    for hold_id, account_id in stale:
+        close(db, hold_id, account_id, FinalUsage(), Ending.ERROR, RequestMeta(), 0)
+    return len(stale)
+
+
+def add_credit(db: Database, account_name: str, amount_micros: int) -> Account:
+    if amount_micros <= 0:
+        raise ValueError("the amount must be positive")
+    with db.write() as session:
+        account_id = ensure_account(session, account_name).id
+    with db.account_lock(account_id) as (session, account):
+        if account is None:  # created just above, and accounts are never deleted
+            raise LookupError(f"account {account_name!r} vanished")
+        account.balance_micros += amount_micros
+        session.add(CreditGrant(account_id=account_id, amount_micros=amount_micros))
+    return account
+
+
+def find_account(db: Database, name: str) -> Account | None:
+    with db.read() as session:
+        return session.execute(select(Account).where(Account.name == name)).scalar_one_or_none()
+
+
+def set_price(db: Database, model: str, price: Price) -> None:
+    if not model or len(model) > MODEL_LEN:
+        raise ValueError(f"a model name is 1 to {MODEL_LEN} characters")
+    with db.write() as session:
+        row = session.get(ModelPrice, model)
+        if row is None:
+            row = ModelPrice(model=model)
+            session.add(row)
+        row.input_micros = price.input_micros
+        row.cached_input_micros = price.cached_input_micros
+        row.output_micros = price.output_micros
+        row.updated_at = utcnow()
+
+
+def list_prices(db: Database) -> list[tuple[str, Price, datetime]]:
+    with db.read() as session:
+        rows = session.execute(select(ModelPrice).order_by(ModelPrice.model)).scalars()
+        return [(r.model, Price(r.input_micros, r.cached_input_micros, r.output_micros), r.updated_at) for r in rows]
+
+
+def _cost(held: Hold, used: FinalUsage) -> int:
+    price = Price(held.input_micros, held.cached_input_micros, held.output_micros)
+    cost = token_cost(price, used.prompt_tokens, used.cached_tokens, used.completion_tokens)
+    if cost > held.amount_micros:
+        # the estimate was not the worst case after all: the caller's balance stays whole, the
+        # provider absorbs the difference, and the operator hears about it
+        log.warning("hold %s: usage cost %d exceeds the hold %d; charging the hold", held.id, cost, held.amount_micros)
+        return held.amount_micros
+    return cost
+
+
+def client_text(value: str | None) -> str | None:
+    """Client-sent text as every database stores it: bounded, valid UTF-8, no NUL."""
+    if value is None:
+        return None
+    cut = value[:CLIENT_TEXT_LEN].encode("utf-8", "replace").decode("utf-8")
+    return cut.replace("\x00", "\ufffd")
+
+
+def _usage_row(
+    row_id: str,
+    account_id: int,
+    key_id: int | None,
+    model: str,
+    used: FinalUsage,
+    cost: int,
+    ending: Ending,
+    meta: RequestMeta,
+    latency_ms: int,
+) -> Usage:
+    return Usage(
+        id=row_id,
+        request_id=client_text(meta.request_id),
+        account_id=account_id,
+        key_id=key_id,
+        model=client_text(model) or "",
+        prompt_tokens=used.prompt_tokens,
+        cached_tokens=used.cached_tokens,
+        completion_tokens=used.completion_tokens,
+        cost_micros=cost,
+        status=ending.value,
+        latency_ms=max(0, latency_ms),
+        end_user=client_text(meta.user),
+    )

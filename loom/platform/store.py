@@ -1,0 +1,133 @@
+"""Where the platform's data lives: database URLs, connections, migrations, and the one row lock.
+
+Owns turning what an operator types (`--db`, `LOOM_DB`, nothing) into a SQLAlchemy engine:
+SQLite by default (a WAL file under the user's data directory), PostgreSQL for
+`postgresql://...` URLs (driver: psycopg 3). Owns the transaction helpers every platform write
+goes through, and `account_lock`, the one place an account row is locked: `SELECT ... FOR UPDATE`
+on PostgreSQL; on SQLite the write transaction itself starts with `BEGIN IMMEDIATE`, which takes
+the database's write lock before the first read, so a balance read is never stale. Never decides
+what a request costs and never holds a session across a request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, select, text
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from loom.platform.db import Account
+
+DB_ENV = "LOOM_DB"
+_WRITE_OPTION = "loom_write"  # execution option marking a write transaction (BEGIN IMMEDIATE on SQLite)
+_SQLITE_BUSY_TIMEOUT_S = 30.0  # other writers hold the lock for milliseconds; wait rather than fail
+_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def default_sqlite_path() -> Path:
+    import platformdirs
+
+    return platformdirs.user_data_path("loom") / "loom.db"
+
+
+def resolve_url(url: str | None = None) -> URL:
+    """`--db` value, else `LOOM_DB`, else the default SQLite file. A bare path means a SQLite file."""
+    raw = url or os.environ.get(DB_ENV) or str(default_sqlite_path())
+    if "://" not in raw:
+        return URL.create("sqlite", database=str(Path(raw).expanduser().resolve()))
+    parsed = make_url(raw)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def describe(url: URL) -> str:
+    """The URL without its password, for start-up lines and errors."""
+    return url.render_as_string(hide_password=True)
+
+
+class Database:
+    """One SQLAlchemy engine and its sessions; safe to share between threads."""
+
+    def __init__(self, url: str | URL | None = None) -> None:
+        self.url = url if isinstance(url, URL) else resolve_url(url)
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        self.engine = _sqlite_engine(self.url) if self.is_sqlite else _server_engine(self.url)
+        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        self._write = sessionmaker(self.engine.execution_options(**{_WRITE_OPTION: True}), expire_on_commit=False)
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A short read-only transaction."""
+        with self._read() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A write transaction, committed when the block ends, rolled back if it raises."""
+        with self._write() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def account_lock(self, account_id: int) -> Iterator[tuple[Session, Account | None]]:
+        """A write transaction holding `account_id`'s row lock until it ends: every change of
+        money goes through here, so two changes of one account never interleave."""
+        with self.write() as session:
+            account = session.execute(
+                select(Account).where(Account.id == account_id).with_for_update()
+            ).scalar_one_or_none()
+            yield session, account
+
+    def upgrade(self) -> None:
+        """Applies every Alembic migration not yet applied (several processes may race: they queue)."""
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(_MIGRATIONS))
+        with self.engine.execution_options(**{_WRITE_OPTION: True}).connect() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+
+    def current_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            if not self.engine.dialect.has_table(conn, "alembic_version"):
+                return None
+            return conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one_or_none()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    if url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url,
+        hide_parameters=True,  # parameters may hold key hashes or client text: keep them out of errors
+        connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # pysqlite's own BEGIN handling off: `_on_begin` decides
+        cursor = dbapi_conn.cursor()
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON"):
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        writes = conn.get_execution_options().get(_WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
+
+    return engine
+
+
+def _server_engine(url: URL) -> Engine:
+    return create_engine(url, hide_parameters=True, pool_pre_ping=True)
