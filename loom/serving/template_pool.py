@@ -89,6 +89,8 @@ class _Worker:
                 self._buffer += chunk
         line = bytes(self._buffer[:end])
         del self._buffer[: end + 1]
+        if not self._buffer:
+            self._buffer = bytearray()  # a large reply's capacity is not kept until the next one
         return line
 
     def send(self, payload: bytes) -> bool:

@@ -13,15 +13,18 @@ Protocol, one JSON line each way over stdin / stdout (UTF-8 with surrogates pass
   server -> worker: {"source": str, "context": {...render arguments...}}
   worker -> server: {"text": str} or {"error": str, "retire": bool}
 `retire` asks the server to replace this worker (after a MemoryError its heap is suspect).
-The worker exits when stdin closes, so it never outlives the server.
+The worker exits when stdin closes or its parent is gone, so it never outlives the server.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import signal
 import sys
+import threading
+import time
 from collections import OrderedDict
 from datetime import datetime
 from typing import Any, BinaryIO
@@ -166,9 +169,17 @@ def serve(stdin: BinaryIO, stdout: BinaryIO, max_output_chars: int) -> None:
             return
 
 
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """Stdin EOF ends an idle worker; this ends one mid-render whose server died without `close`."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(0)
+
+
 def main() -> None:
     max_output_chars, memory_limit_bytes = int(sys.argv[1]), int(sys.argv[2])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; stdin EOF ends us
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     if memory_limit_bytes > 0:
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
     sys.setrecursionlimit(1000)  # a recursive macro stops here, far from the C stack's end
