@@ -18,6 +18,8 @@ END = "</tool_call>"
 
 
 class HermesToolParser:
+    markers = (START, END)
+
     def __init__(self, *, new_id: Callable[[], str] = new_call_id) -> None:
         self._out = ToolOutput(new_id)
         self._buf = ""  # text not yet consumed: at most a partial marker between feeds

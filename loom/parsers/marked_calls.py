@@ -47,6 +47,10 @@ class MarkedCallParser:
         self._scanner = BracketScanner(syntax.quotes)
         self._markers = tuple(m for m in (syntax.marker, syntax.end_marker) if m)
 
+    @property
+    def markers(self) -> tuple[str, ...]:
+        return self._markers
+
     def feed(self, text_delta: str, token_ids: Sequence[int] = ()) -> ParsedDelta:
         self._buf += text_delta
         while self._buf and self._step():

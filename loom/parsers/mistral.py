@@ -49,6 +49,8 @@ def _may_become_header(text: str) -> bool:
 
 
 class MistralToolParser:
+    markers = (TOOL_CALLS, ARGS, CALL_ID)
+
     def __init__(self, *, new_id: Callable[[], str] = new_call_id) -> None:
         self._out = ToolOutput(new_id)
         self._state = _State.CONTENT

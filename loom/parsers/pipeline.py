@@ -32,6 +32,12 @@ class ChoiceParser:
         self._tools = tools
 
     @property
+    def markers(self) -> tuple[str, ...]:
+        """The markup both parsers read: special tokens spelled so must reach them as text."""
+        parsers = (self._reasoning, self._tools)
+        return tuple(dict.fromkeys(m for p in parsers if p is not None for m in p.markers))
+
+    @property
     def in_reasoning(self) -> bool:
         return self._reasoning is not None and self._reasoning.in_reasoning
 

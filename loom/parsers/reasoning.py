@@ -64,6 +64,10 @@ class ThinkReasoningParser:
         self._out_content: list[str] = []
 
     @property
+    def markers(self) -> tuple[str, ...]:
+        return (self.start_marker, self.end_marker)
+
+    @property
     def in_reasoning(self) -> bool:
         return self._state is _State.REASONING
 

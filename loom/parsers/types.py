@@ -89,6 +89,9 @@ class ReasoningParser(Protocol):
     """
 
     @property
+    def markers(self) -> tuple[str, ...]: ...  # the markup it reads: keep these in its text
+
+    @property
     def in_reasoning(self) -> bool: ...  # True while the output is inside the thinking block
 
     def feed(self, text_delta: str, token_ids: Sequence[int] = ()) -> ParsedDelta: ...
@@ -103,6 +106,9 @@ class ToolParser(Protocol):
     never lost text. Whitespace that only separates calls from each other or from the content is
     dropped; an answer with no call comes back exactly as written.
     """
+
+    @property
+    def markers(self) -> tuple[str, ...]: ...  # the markup it reads: keep these in its text
 
     def feed(self, text_delta: str, token_ids: Sequence[int] = ()) -> ParsedDelta: ...
 

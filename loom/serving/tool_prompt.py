@@ -68,9 +68,15 @@ def _python_literal(value: Any) -> str:
     return _json(value)  # strings and numbers: JSON's spelling is also Python's
 
 
+def _unwrap(item: Mapping[str, Any]) -> Mapping[str, Any]:
+    """OpenAI's {"type": "function", "function": {...}} as its inner object; a flat one as it is."""
+    inner = item.get("function")
+    return inner if isinstance(inner, Mapping) else item
+
+
 def _function(tool: Mapping[str, Any]) -> dict[str, Any]:
-    """A tool as {name, description, parameters}; OpenAI's {"type", "function": {...}} unwrapped."""
-    function = tool.get("function") if isinstance(tool.get("function"), Mapping) else tool
+    """A tool as {name, description, parameters}."""
+    function = _unwrap(tool)
     out = {"name": function.get("name", ""), "description": function.get("description", "")}
     out["parameters"] = function.get("parameters") or {"type": "object", "properties": {}}
     return out
@@ -78,7 +84,7 @@ def _function(tool: Mapping[str, Any]) -> dict[str, Any]:
 
 def _call(tool_call: Mapping[str, Any]) -> tuple[str, Any]:
     """(name, arguments) of an earlier call; arguments as an object when its JSON text parses."""
-    function = tool_call.get("function") if isinstance(tool_call.get("function"), Mapping) else tool_call
+    function = _unwrap(tool_call)
     arguments = function.get("arguments", {})
     if isinstance(arguments, str):
         try:
