@@ -35,7 +35,7 @@ def test_api_v1_alias_works_with_the_sdk(base_url: str) -> None:
 
 def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
     models = client.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    assert [m.id for m in models.data] == [MODEL, "HuggingFaceTB/SmolLM2-135M-Instruct"]
     card = models.data[0]
     assert card.object == "model"
     assert card.owned_by
