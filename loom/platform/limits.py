@@ -44,7 +44,7 @@ class RateLimiter:
             return self._state(item, ids)
         window = self.storage.get_sliding_window(item.key_for(*ids), WINDOW_S)  # type: ignore[attr-defined]
         wait = seconds_until_room(*window, limit=limit, cost=cost)
-        return RateLimited(kind, self._state(item, ids), retry_after_s=max(1, math.ceil(wait)))
+        return RateLimited(kind, self._state(item, ids), retry_after_s=math.floor(wait) + 1)  # strictly after
 
     def refund(self, kind: str, key_id: int, limit: int, amount: int) -> None:
         """Hands back `amount` counted earlier (at most what the current window still holds)."""
@@ -76,17 +76,19 @@ class RateLimiter:
 
 
 def seconds_until_room(prev: int, prev_ttl: float, current: int, current_ttl: float, *, limit: int, cost: int) -> float:
-    """When the sliding-window count leaves room for `cost`.
+    """After how long the sliding-window count leaves room for `cost` (any moment after it will do).
 
-    The count is `prev * prev_ttl / W + current`: the previous window's weight fades linearly
-    while the current one runs; when the current one ends (`current_ttl - W` from now) its count
-    becomes the fading previous one and the new current starts at zero.
+    The library admits when `floor(prev * prev_ttl / W) + current + cost <= limit`, that is when
+    `prev * prev_ttl / W < limit - current - cost + 1`. The previous window's weight fades
+    linearly while the current one runs; when the current one ends (`current_ttl - W` from now)
+    its count becomes the fading previous one and the new current starts at zero.
     """
     current_ends = max(0.0, current_ttl - WINDOW_S)
-    room = limit - current - cost
-    if room >= 0:
+    room = limit - current - cost + 1
+    if room > 0:
         wait = 0.0 if prev == 0 else max(0.0, prev_ttl - room * WINDOW_S / prev)
         if wait <= current_ends:
             return wait
-    after = 0.0 if current == 0 else max(0.0, WINDOW_S - (limit - cost) * WINDOW_S / current)
+    room_after = limit - cost + 1
+    after = 0.0 if current == 0 else max(0.0, WINDOW_S - room_after * WINDOW_S / current)
     return current_ends + after

@@ -87,10 +87,13 @@ class Platform:
     def authenticate(self, credential: Credential | Refused | None) -> Principal | Refused | None:
         return self.auth.authenticate(credential)
 
-    def limit_requests(self, who: Principal) -> WindowState | RateLimited | None:
-        if who.rpm is None or who.key_id is None:
-            return None
-        return self.limiter.hit("requests", who.key_id, who.rpm, 1)
+    def limit_requests(self, who: Principal) -> tuple[WindowState | RateLimited | None, WindowState | None]:
+        """Counts one request against the key's RPM; also reads its TPM window (for the headers)."""
+        if who.key_id is None:
+            return None, None
+        requests = self.limiter.hit("requests", who.key_id, who.rpm, 1) if who.rpm is not None else None
+        tokens = self.limiter.state("tokens", who.key_id, who.tpm) if who.tpm is not None else None
+        return requests, tokens
 
     def overloaded(self, num_waiting: int) -> Overloaded | None:
         cap = self.config.max_queued_requests

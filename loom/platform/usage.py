@@ -35,7 +35,7 @@ def records(
     db: Database, account_id: int, *, limit: int = 100, since: datetime | None = None, before: str | None = None
 ) -> list[UsageRecord]:
     """The account's records, newest first; `before` is the id of the last record of the previous page."""
-    limit = max(1, min(limit, MAX_PAGE))
+    limit = max(1, min(limit, MAX_PAGE + 1))  # one more than a page: the caller can tell a next page exists
     with db.read() as session:
         query = select(Usage).where(Usage.account_id == account_id)
         if since is not None:

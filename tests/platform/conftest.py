@@ -9,12 +9,14 @@ a fresh key scope each.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine
 
+from loom.platform import Platform, PlatformConfig
 from loom.platform.store import Database
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -56,3 +58,23 @@ def db(db_url: str) -> Iterator[Database]:
 @pytest.fixture
 def limits_scope() -> str:
     return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def make_platform(db_url: str, limits_scope: str) -> Iterator[Callable[..., Platform]]:
+    """Opens platforms on this test's database (each call may add config, e.g. a JWT secret)."""
+    opened: list[Platform] = []
+
+    def make(**config: Any) -> Platform:
+        platform = Platform(PlatformConfig(db_url=db_url, limits_scope=limits_scope, **config))
+        opened.append(platform)
+        return platform
+
+    yield make
+    for platform in opened:
+        platform.close()
+
+
+@pytest.fixture
+def platform(make_platform: Callable[..., Platform]) -> Platform:
+    return make_platform()

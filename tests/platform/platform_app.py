@@ -1,0 +1,58 @@
+"""A minimal app whose one route uses the platform dependencies the way the chat route does.
+
+`POST /v1/work` takes the token counts directly (`prompt`, `max_tokens`, `n`, `produce`) so the
+tests drive auth, limits, holds and settlement without a model. `fail: true` raises after the
+hold; `stream: true` settles at the end of a streamed body.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from loom.api.deps import AuthedKey, HoldMeter, LoadAdmission, RequestLimits, check_model_allowed, install_platform
+from loom.api.errors import install_error_handlers, model_not_found
+from loom.api.metrics import Metrics, install_metrics
+from loom.api.routes_usage import usage_router
+from loom.platform import Ending, Estimate, FinalUsage, Platform, RequestMeta
+
+MODELS = ("m", "other")
+
+
+def platform_app(platform: Platform | None, num_waiting: Callable[[], int] = lambda: 0) -> FastAPI:
+    app = FastAPI()
+    install_error_handlers(app)
+    install_platform(app, platform, num_waiting)
+    metrics = Metrics("m")
+    install_metrics(app, metrics)
+    app.state.metrics = metrics
+    app.include_router(usage_router())
+
+    @app.post("/v1/work")
+    async def work(
+        body: dict[str, Any], key: AuthedKey, _limits: RequestLimits, _load: LoadAdmission, meter: HoldMeter
+    ) -> Any:
+        if body["model"] not in MODELS:
+            raise model_not_found(body["model"])
+        check_model_allowed(key, body["model"])
+        estimate = Estimate(body["model"], body["prompt"], body["max_tokens"], body.get("n", 1))
+        await meter.admit(estimate, RequestMeta(body.get("request_id"), body.get("user")))
+        if body.get("fail"):
+            raise RuntimeError("the engine failed")
+        used = FinalUsage(body["prompt"], body.get("cached", 0), body["produce"])
+        if body.get("stream"):
+
+            async def events() -> AsyncIterator[str]:
+                for i in range(body["produce"]):
+                    yield f"data: {i}\n\n"
+                settled = await meter.settle(used, Ending.OK)
+                yield f"data: cost {settled.cost_micros if settled else None}\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        settled = await meter.settle(used, Ending.OK)
+        return JSONResponse({"cost_micros": settled.cost_micros if settled else None, "hold_id": meter.hold_id})
+
+    return app
