@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,8 @@ class TemplatePool:
         self._live: set[_Worker] = set()
         self._lock = threading.Lock()
         self._closed = False
+        # a pool dropped without `close` (an app built in a test, never started) still stops its workers
+        weakref.finalize(self, _kill_all, self._live)
 
     def start(self) -> None:
         """Starts the workers that are not running yet and returns at once (they boot on their own)."""
@@ -256,6 +259,11 @@ class TemplatePool:
 
     def _max_reply_bytes(self) -> int:
         return 4 * self.limits.max_output_chars + 4096  # UTF-8 is at most 4 bytes a character
+
+
+def _kill_all(workers: set[_Worker]) -> None:
+    for worker in list(workers):
+        worker.kill()
 
 
 def _parse_reply(line: bytes | None) -> dict[str, Any] | None:
