@@ -138,8 +138,9 @@ class TemplatePool:
         weakref.finalize(self, _kill_all, self._live)
 
     def start(self) -> None:
-        """Starts the workers that are not running yet and returns at once (they boot on their own)."""
-        slots = [self._slots.get() for _ in range(self.limits.num_workers)]
+        """Starts the workers of the free slots that have none and returns at once (they boot on
+        their own); a slot in use is left to its render. Never blocks: safe on the event loop."""
+        slots = self._take_free_slots()
         try:
             for slot in slots:
                 if slot.worker is None:
@@ -170,12 +171,7 @@ class TemplatePool:
         with self._lock:
             self._closed = True
         self._threads.shutdown(wait=False)  # queued renders still run: each finds the pool closed at once
-        idle = []
-        while True:
-            try:
-                idle.append(self._slots.get_nowait())
-            except queue.Empty:
-                break
+        idle = self._take_free_slots()
         for slot in idle:
             if slot.worker is not None:
                 self._forget(slot.worker)
@@ -187,6 +183,14 @@ class TemplatePool:
             if worker.proc.poll() is None:
                 worker.proc.kill()
             worker.proc.wait()
+
+    def _take_free_slots(self) -> list[_Slot]:
+        slots = []
+        while True:
+            try:
+                slots.append(self._slots.get_nowait())
+            except queue.Empty:
+                return slots
 
     def render_blocking(self, source: str, context: dict[str, Any]) -> str:
         """One render on the calling thread (never the event loop's): waits for a free worker."""
