@@ -26,6 +26,7 @@ from loom.api.limits import enforce_limits
 from loom.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from loom.api.protocol import ChatCompletionRequest, ignored_extra_fields
 from loom.api.render import ChunkOptions, ChunkWriter, completion_response
+from loom.api.routes_completions import completions_router
 from loom.api.routes_info import info_router
 from loom.api.routes_tokens import tokens_router
 from loom.api.strict_json import StrictJSONRoute
@@ -64,6 +65,7 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     app.include_router(info_router(config.served_model_names, lambda: engine.max_model_len, lambda: engine.is_running))
     app.include_router(tokens_router(chat, config))
+    app.include_router(completions_router(chat, config))
 
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model, config)

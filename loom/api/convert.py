@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from loom.api.errors import UnprocessableEntityError, unsupported_parameters
-from loom.api.protocol import ChatCompletionRequest, resolved_max_tokens, unsupported_fields
+from loom.api.protocol import ChatCompletionRequest, SamplingFields, resolved_max_tokens, unsupported_fields
 from loom.api.protocol_response import random_id
 from loom.engine import SamplingParams
 from loom.engine.sampling_params import RepetitionDetection
@@ -63,7 +63,7 @@ def to_chat_request(req: ChatCompletionRequest, header_request_id: str | None = 
     )
 
 
-def _check_beam_search_fields(req: ChatCompletionRequest) -> None:
+def _check_beam_search_fields(req: SamplingFields) -> None:
     """Fields that reshape the distribution a beam search ranks by are a 422 with it: penalties
     over generated tokens cannot follow a search that resubmits each beam as a prompt, and none
     of these is pretended. (Sampling controls, temperature to seed, have nothing to act on in a
@@ -88,7 +88,7 @@ def _check_beam_search_fields(req: ChatCompletionRequest) -> None:
             )
 
 
-def _sampling_params(req: ChatCompletionRequest) -> SamplingParams:
+def _sampling_params(req: SamplingFields) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     top_k = req.top_k if req.top_k is not None and req.top_k > 0 else None  # 0 and -1 mean off
     return SamplingParams(
@@ -114,7 +114,7 @@ def _sampling_params(req: ChatCompletionRequest) -> SamplingParams:
     )
 
 
-def _repetition_detection(req: ChatCompletionRequest) -> RepetitionDetection | None:
+def _repetition_detection(req: SamplingFields) -> RepetitionDetection | None:
     spec = req.repetition_detection
     if spec is None or spec.max_pattern_size == 0:
         return None

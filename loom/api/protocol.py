@@ -362,9 +362,9 @@ def _is_token_id(key: str) -> bool:
 # ---- helpers for the converter ---------------------------------------------------------------
 
 
-def resolved_max_tokens(req: ChatCompletionRequest) -> int | None:
-    """The completion budget the client asked for; `max_completion_tokens` wins. None: no cap."""
-    if req.max_completion_tokens is not None:
+def resolved_max_tokens(req: SamplingFields) -> int | None:
+    """The completion budget the client asked for; chat's `max_completion_tokens` wins. None: no cap."""
+    if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
         return req.max_completion_tokens
     return req.max_tokens
 

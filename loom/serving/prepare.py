@@ -45,16 +45,16 @@ class PreparedChat:
 def prepare(req: ChatRequest, engine: AsyncEngine) -> PreparedChat:
     """Blocking (renders and tokenizes): callers on an event loop run it in a worker thread."""
     tok = engine.tokenizer
-    _check_priority(req, engine.scheduling_policy)
-    _check_token_ids(req.sampling, tok.vocab_size)
+    check_priority(req, engine.scheduling_policy)
+    check_token_ids(req.sampling, tok.vocab_size)
     prompt_ids = tokenize_prompt(req, tok, engine.max_model_len)
-    _check_min_tokens(req.sampling, len(prompt_ids), engine.max_model_len)
+    check_min_tokens(req.sampling, len(prompt_ids), engine.max_model_len)
     top_k = req.sampling.top_k
     sampling = dataclasses.replace(
         req.sampling,
         top_k=None if top_k is not None and top_k >= tok.vocab_size else top_k,  # the whole vocabulary: off
         bad_words_ids=bad_words_ids(req.bad_words, tok),
-        logprobs=_engine_logprobs(req),
+        logprobs=engine_logprobs(req),
         prompt_logprobs=req.report.prompt_logprobs,
     )
     return PreparedChat(req, tuple(prompt_ids), sampling, _echo_text(req))
@@ -90,7 +90,7 @@ def _check_context(num_prompt: int, max_tokens: int | None, limit: int) -> None:
         )
 
 
-def _check_min_tokens(sampling: SamplingParams, num_prompt: int, limit: int) -> None:
+def check_min_tokens(sampling: SamplingParams, num_prompt: int, limit: int) -> None:
     room = limit - num_prompt
     if sampling.min_tokens > room:
         raise InvalidRequest(
@@ -100,7 +100,7 @@ def _check_min_tokens(sampling: SamplingParams, num_prompt: int, limit: int) -> 
         )
 
 
-def _check_priority(req: ChatRequest, policy: str) -> None:
+def check_priority(req: ChatRequest, policy: str) -> None:
     if req.priority != 0 and policy != "priority":
         raise InvalidRequest(
             f"priority {req.priority} needs priority scheduling, but this server schedules '{policy}' "
@@ -110,7 +110,7 @@ def _check_priority(req: ChatRequest, policy: str) -> None:
         )
 
 
-def _check_token_ids(sampling: SamplingParams, vocab_size: int) -> None:
+def check_token_ids(sampling: SamplingParams, vocab_size: int) -> None:
     for name, ids in (
         ("logit_bias", [token_id for token_id, _ in sampling.logit_bias]),
         ("allowed_token_ids", list(sampling.allowed_token_ids or ())),
@@ -137,7 +137,7 @@ def bad_words_ids(words: tuple[str, ...], tok: Tokenizer) -> tuple[tuple[int, ..
     return tuple(sequences)
 
 
-def _engine_logprobs(req: ChatRequest) -> int | None:
+def engine_logprobs(req: ChatRequest) -> int | None:
     """How many top logprobs the engine reports per token; best_of needs the sampled token's."""
     if req.report.logprobs:
         return req.report.top_logprobs
