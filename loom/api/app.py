@@ -33,6 +33,7 @@ from loom.api.strict_json import StrictJSONRoute
 from loom.engine import AsyncEngine, EngineError
 from loom.serving.chat import ChatService
 from loom.serving.prepare import PreparedChat
+from loom.serving.templates import TemplateRenderer
 from loom.serving.types import InvalidRequest
 
 T = TypeVar("T")
@@ -41,12 +42,15 @@ CHAT_PATHS = ("/v1/chat/completions", "/v1/chat/completions/", "/api/v1/chat/com
 
 
 def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
-    chat = ChatService(engine, config.model_name)
+    renderer = TemplateRenderer(trust_request_templates=config.trust_request_chat_template)
+    chat = ChatService(engine, config.model_name, renderer)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        renderer.start()
         yield
+        renderer.close()
         engine.shutdown()
 
     app = FastAPI(title="Loom", version="0.1.0", lifespan=lifespan)

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from loom.api.config import ServerConfig
-from loom.api.errors import APIError, BadRequestError, UnprocessableEntityError, model_not_found
+from loom.api.errors import (
+    APIError,
+    BadRequestError,
+    ServiceUnavailableError,
+    UnprocessableEntityError,
+    model_not_found,
+)
 from loom.serving.types import InvalidRequest
 
 
@@ -16,6 +22,9 @@ def check_model(model: str | None, config: ServerConfig) -> None:
         raise model_not_found(model)
 
 
+_ERRORS_BY_STATUS: dict[int, type[APIError]] = {422: UnprocessableEntityError, 503: ServiceUnavailableError}
+
+
 def as_api_error(exc: InvalidRequest) -> APIError:
-    error_class = UnprocessableEntityError if exc.status_code == 422 else BadRequestError
-    return error_class(exc.message, param=exc.param)
+    """Serving's refusal as the envelope of its status (400 unless serving said otherwise)."""
+    return _ERRORS_BY_STATUS.get(exc.status_code, BadRequestError)(exc.message, param=exc.param)

@@ -56,7 +56,9 @@ def tokens_router(chat: ChatService, config: ServerConfig) -> APIRouter:
                 special = True if body.add_special_tokens is None else body.add_special_tokens
                 result = await tokens.tokenize_text(tok, body.prompt, special, body.return_token_strs)
             else:
-                result = await tokens.tokenize_chat(tok, _chat_request(body, config), body.return_token_strs)
+                result = await tokens.tokenize_chat(
+                    tok, _chat_request(body, config), body.return_token_strs, chat.renderer
+                )
         except InvalidRequest as exc:
             raise as_api_error(exc) from exc
         return {

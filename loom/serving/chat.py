@@ -27,7 +27,8 @@ from loom.engine import AsyncEngine, EngineError, RequestOutput
 from loom.engine.logprobs import TokenLogprob
 from loom.serving.beam_search import BeamSearch, BeamSearchSpec, beam_logprobs, resolved_max_tokens
 from loom.serving.logprobs import LogprobFormatter, cumulative_logprob
-from loom.serving.prepare import PreparedChat, prepare
+from loom.serving.prepare import PreparedChat, prepare, render_prompt
+from loom.serving.templates import TemplateRenderer
 from loom.serving.types import ChatRequest, ChatResult, ChoiceDelta, ChoiceResult, PromptLogprobs, Usage
 
 T = TypeVar("T")
@@ -60,15 +61,17 @@ class _Run:
 
 
 class ChatService:
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    def __init__(self, engine: AsyncEngine, model_name: str, renderer: TemplateRenderer) -> None:
         self.engine = engine
+        self.renderer = renderer
         self.model_name = model_name
 
     async def prepare(self, req: ChatRequest) -> PreparedChat:
         """Raises `InvalidRequest` for anything the model cannot honor, before any work starts.
 
         Rendering and tokenizing run off the event loop: a large prompt never stalls other requests."""
-        return await asyncio.to_thread(prepare, req, self.engine)
+        text = await render_prompt(req, self.engine.tokenizer, self.renderer)
+        return await asyncio.to_thread(prepare, req, text, self.engine)
 
     def _formatter(self, prep: PreparedChat) -> LogprobFormatter:
         return LogprobFormatter(self.engine.tokenizer, prep.req.report.tokens_as_ids)

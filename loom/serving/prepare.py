@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from loom.engine import AsyncEngine, SamplingParams
-from loom.serving.templates import render_chat
+from loom.serving.templates import TemplateRenderer
 from loom.serving.types import ChatRequest, InvalidRequest
 from loom.tokenizer import Tokenizer
 
@@ -42,12 +42,18 @@ class PreparedChat:
         return params
 
 
-def prepare(req: ChatRequest, engine: AsyncEngine) -> PreparedChat:
-    """Blocking (renders and tokenizes): callers on an event loop run it in a worker thread."""
+async def render_prompt(req: ChatRequest, tok: Tokenizer, renderer: TemplateRenderer) -> str:
+    """The chat rendered by its template, in the renderer's worker processes (budgeted, stoppable)."""
+    special = {"bos_token": tok.bos_token, "eos_token": tok.eos_token}
+    return await renderer.render(req.messages, req.template, tok.chat_template, special)
+
+
+def prepare(req: ChatRequest, prompt_text: str, engine: AsyncEngine) -> PreparedChat:
+    """Blocking (tokenizes): callers on an event loop run it in a worker thread."""
     tok = engine.tokenizer
     check_priority(req, engine.scheduling_policy)
     check_token_ids(req.sampling, tok.vocab_size)
-    prompt_ids = tokenize_prompt(req, tok, engine.max_model_len)
+    prompt_ids = tokenize_prompt(req, prompt_text, tok, engine.max_model_len)
     check_min_tokens(req.sampling, len(prompt_ids), engine.max_model_len)
     top_k = req.sampling.top_k
     sampling = dataclasses.replace(
@@ -60,15 +66,8 @@ def prepare(req: ChatRequest, engine: AsyncEngine) -> PreparedChat:
     return PreparedChat(req, tuple(prompt_ids), sampling, _echo_text(req))
 
 
-def encode_chat(req: ChatRequest, tok: Tokenizer) -> list[int]:
-    """The rendered chat's token ids, before truncation or any context check."""
-    special = {"bos_token": tok.bos_token, "eos_token": tok.eos_token}
-    text = render_chat(req.messages, req.template, tok.chat_template, special)
-    return tok.encode(text, add_special_tokens=req.template.add_special_tokens)
-
-
-def tokenize_prompt(req: ChatRequest, tok: Tokenizer, max_model_len: int) -> list[int]:
-    prompt_ids = encode_chat(req, tok)
+def tokenize_prompt(req: ChatRequest, prompt_text: str, tok: Tokenizer, max_model_len: int) -> list[int]:
+    prompt_ids = tok.encode(prompt_text, add_special_tokens=req.template.add_special_tokens)
     max_tokens = req.sampling.max_tokens
     keep = req.truncate_prompt_tokens
     if keep == -1:  # the model's limit: as much as leaves room for the completion

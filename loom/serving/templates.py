@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from functools import lru_cache
 from typing import Any
 
-from loom.serving import template_worker
 from loom.serving.template_pool import PoolLimits, RenderFailure, TemplatePool
 from loom.serving.types import ChatMessage, InvalidRequest, TemplateOptions
 
@@ -145,28 +143,6 @@ def finish_render(text: str, messages: tuple[ChatMessage, ...], options: Templat
     if options.continue_final_message:
         return _cut_after_final_message(text, messages[-1].content or "")
     return text
-
-
-def render_chat(
-    messages: tuple[ChatMessage, ...],
-    options: TemplateOptions,
-    default_template: str | None,
-    special_tokens: dict[str, str | None],
-) -> str:
-    """Transitional: renders on the caller's thread with no time budget, trusting request
-    templates as before. Only until `prepare` awaits `TemplateRenderer.render`; then delete it."""
-    source, context, from_request = render_arguments(messages, options, default_template, special_tokens, True)
-    reply = template_worker.handle(
-        _in_process_renderer(), json.dumps({"source": source, "context": context}).encode("utf-8", "surrogatepass")
-    )
-    if "error" in reply:
-        raise InvalidRequest(reply["error"], "chat_template" if from_request else "messages")
-    return finish_render(reply["text"], messages, options)
-
-
-@lru_cache(maxsize=1)
-def _in_process_renderer() -> template_worker.TemplateRenderer:
-    return template_worker.TemplateRenderer(4 * 1024 * 1024)
 
 
 def _template_source(

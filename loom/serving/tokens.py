@@ -10,7 +10,8 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from loom.serving.prepare import encode_chat
+from loom.serving.prepare import render_prompt
+from loom.serving.templates import TemplateRenderer
 from loom.serving.types import ChatRequest, InvalidRequest
 from loom.tokenizer import Tokenizer
 
@@ -30,9 +31,9 @@ async def tokenize_text(tok: Tokenizer, text: str, add_special_tokens: bool, wit
     return _tokenized(tok, ids, with_strs)
 
 
-async def tokenize_chat(tok: Tokenizer, req: ChatRequest, with_strs: bool) -> Tokenized:
-    ids = await asyncio.to_thread(encode_chat, req, tok)
-    return _tokenized(tok, ids, with_strs)
+async def tokenize_chat(tok: Tokenizer, req: ChatRequest, with_strs: bool, renderer: TemplateRenderer) -> Tokenized:
+    text = await render_prompt(req, tok, renderer)
+    return await tokenize_text(tok, text, req.template.add_special_tokens, with_strs)
 
 
 async def detokenize(tok: Tokenizer, ids: Sequence[int]) -> str:

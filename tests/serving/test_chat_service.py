@@ -3,13 +3,15 @@ generated token, and a stream lets tokens whose text is held back ride with the 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
+import pytest
 from toy_engine import ToyTokenizer
 
 from loom.engine import RequestOutput, SamplingParams
 from loom.engine.logprobs import TokenLogprob
 from loom.serving.chat import ChatService
+from loom.serving.templates import TemplateRenderer
 from loom.serving.types import ChatMessage, ChatRequest, ReportOptions, SearchOptions
 
 # Per candidate: the steps (token id, text shown, logprob); "" = text held back.
@@ -47,8 +49,15 @@ def request(**fields: object) -> ChatRequest:
     return ChatRequest("r", (ChatMessage("user", "ab"),), SamplingParams(max_tokens=2), **fields)  # type: ignore[arg-type]
 
 
-async def test_best_of_keeps_the_most_likely_and_counts_every_candidate() -> None:
-    service = ChatService(ScriptedEngine(), "toy")  # type: ignore[arg-type]
+@pytest.fixture(scope="module")
+def renderer() -> Iterator[TemplateRenderer]:
+    r = TemplateRenderer()
+    yield r
+    r.close()
+
+
+async def test_best_of_keeps_the_most_likely_and_counts_every_candidate(renderer: TemplateRenderer) -> None:
+    service = ChatService(ScriptedEngine(), "toy", renderer)  # type: ignore[arg-type]
     req = request(n=2, search=SearchOptions(best_of=3))
     result = await service.complete(await service.prepare(req))
     assert [c.token_ids for c in result.choices] == [(2, 3), (0, 4)]
@@ -58,8 +67,8 @@ async def test_best_of_keeps_the_most_likely_and_counts_every_candidate() -> Non
     assert result.usage.cached_tokens == 3
 
 
-async def test_held_back_tokens_ride_with_the_next_piece() -> None:
-    service = ChatService(ScriptedEngine(), "toy")  # type: ignore[arg-type]
+async def test_held_back_tokens_ride_with_the_next_piece(renderer: TemplateRenderer) -> None:
+    service = ChatService(ScriptedEngine(), "toy", renderer)  # type: ignore[arg-type]
     req = request(n=2, report=ReportOptions(logprobs=True, token_ids=True, prompt_logprobs=0))
     deltas = [d async for d in service.stream(await service.prepare(req))]
     second = [d for d in deltas if d.index == 1]
@@ -70,8 +79,8 @@ async def test_held_back_tokens_ride_with_the_next_piece() -> None:
     assert deltas[-1].usage.completion_tokens == 4
 
 
-async def test_echo_comes_first_in_a_stream_and_in_front_of_the_text() -> None:
-    service = ChatService(ScriptedEngine(), "toy")  # type: ignore[arg-type]
+async def test_echo_comes_first_in_a_stream_and_in_front_of_the_text(renderer: TemplateRenderer) -> None:
+    service = ChatService(ScriptedEngine(), "toy", renderer)  # type: ignore[arg-type]
     messages = (ChatMessage("user", "ab"), ChatMessage("assistant", "ca"))
     req = ChatRequest("r", messages, SamplingParams(max_tokens=2), report=ReportOptions(echo=True))
     deltas = [d async for d in service.stream(await service.prepare(req))]
@@ -81,8 +90,8 @@ async def test_echo_comes_first_in_a_stream_and_in_front_of_the_text() -> None:
     assert result.choices[0].text == "caab"
 
 
-async def test_a_buffered_best_of_stream_says_what_the_blocking_answer_says() -> None:
-    service = ChatService(ScriptedEngine(), "toy")  # type: ignore[arg-type]
+async def test_a_buffered_best_of_stream_says_what_the_blocking_answer_says(renderer: TemplateRenderer) -> None:
+    service = ChatService(ScriptedEngine(), "toy", renderer)  # type: ignore[arg-type]
     req = request(n=1, search=SearchOptions(best_of=3))
     deltas = [d async for d in service.stream(await service.prepare(req))]
     assert [(d.index, d.text, d.finish_reason) for d in deltas] == [(0, "c.", "length")]

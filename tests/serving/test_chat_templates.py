@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from loom.serving import template_worker
-from loom.serving.templates import MAX_KWARGS_BYTES, RESERVED_KWARGS, TemplateRenderer, render_chat
+from loom.serving.templates import MAX_KWARGS_BYTES, RESERVED_KWARGS, TemplateRenderer
 from loom.serving.types import ChatMessage, InvalidRequest, TemplateOptions
 
 BUDGET_S = 0.5
@@ -184,7 +184,6 @@ async def test_model_template_renders_as_hugging_face_does(
         expected = hf.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tokenize=False)
         assert await untrusted.render(CONVERSATION, options, model_template, special) == expected
         assert untrusted.render_sync(CONVERSATION, options, model_template, special) == expected
-        assert render_chat(CONVERSATION, options, model_template, special) == expected
 
 
 async def test_continue_final_message_cuts_after_the_last_message(
