@@ -1,4 +1,4 @@
-"""The sampling, logprob and scheduling fields of issue 4 at the HTTP edge: their 422s name the
+"""The sampling, logprob and scheduling fields at the HTTP edge: their 422s name the
 field, and the converter carries every one of them into serving's types."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def test_bad_values_name_their_field(fields: dict[str, Any], loc: str) -> None:
     assert {err["loc"][0] for err in info.value.errors()} == {loc}
 
 
-def test_every_issue_4_field_is_honored() -> None:
+def test_every_sampling_and_report_field_is_honored() -> None:
     req = parse(
         presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2, logit_bias={"5": -100},
         allowed_token_ids=[1, 2], bad_words=["x"], logprobs=True, top_logprobs=3, prompt_logprobs=2,

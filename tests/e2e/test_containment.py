@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from wire import MODEL, TIMEOUT_S, stream
+from wire import MODEL, TIMEOUT_S, stream, streamed_text
 
 PROMPT = "Write a short poem about the sea."
 HOSTILE_BODIES: list[bytes] = [
@@ -50,11 +50,11 @@ def _fire(base_url: str, outcomes: list[int]) -> None:
 
 def test_hostile_requests_beside_a_stream_leave_its_text_unchanged(base_url: str) -> None:
     fields = {"temperature": 0, "max_tokens": 48, "ignore_eos": True}
-    solo = "".join(c["choices"][0]["delta"].get("content") or "" for c in stream(base_url, PROMPT, **fields) if c["choices"])
+    solo = streamed_text(stream(base_url, PROMPT, **fields))
     outcomes: list[int] = []
     attacker = threading.Thread(target=_fire, args=(base_url, outcomes))
     attacker.start()
-    beside = "".join(c["choices"][0]["delta"].get("content") or "" for c in stream(base_url, PROMPT, **fields) if c["choices"])
+    beside = streamed_text(stream(base_url, PROMPT, **fields))
     attacker.join(timeout=TIMEOUT_S)
     assert beside == solo
     assert len(outcomes) == len(HOSTILE_BODIES) + len(HOSTILE_FIELDS)

@@ -9,26 +9,39 @@ import httpx
 
 MODEL = "SmolLM2-135M-Instruct"
 TIMEOUT_S = 600
+Prompt = str | list[dict[str, Any]]  # one user message, or the whole message list
 
 
-def post(base_url: str, prompt: str, **fields: Any) -> httpx.Response:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], **fields}
-    return httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=TIMEOUT_S)
+def body(prompt: Prompt, **fields: Any) -> dict[str, Any]:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return {"model": MODEL, "messages": messages, **fields}
 
 
-def complete(base_url: str, prompt: str, **fields: Any) -> dict[str, Any]:
+def post(base_url: str, prompt: Prompt, **fields: Any) -> httpx.Response:
+    return httpx.post(f"{base_url}/v1/chat/completions", json=body(prompt, **fields), timeout=TIMEOUT_S)
+
+
+def complete(base_url: str, prompt: Prompt, **fields: Any) -> dict[str, Any]:
     resp = post(base_url, prompt, **fields)
     assert resp.status_code == 200, resp.text
     return resp.json()  # type: ignore[no-any-return]
 
 
-def stream(base_url: str, prompt: str, **fields: Any) -> list[dict[str, Any]]:
+def stream(base_url: str, prompt: Prompt, **fields: Any) -> list[dict[str, Any]]:
     """Every `data:` chunk of a streamed answer, `[DONE]` excluded."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "stream": True, **fields}
     chunks = []
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=TIMEOUT_S) as resp:
+    request = body(prompt, stream=True, **fields)
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=request, timeout=TIMEOUT_S) as resp:
         assert resp.status_code == 200, resp.read()
         for line in resp.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 chunks.append(json.loads(line[len("data: ") :]))
     return chunks
+
+
+def streamed_choices(chunks: list[dict[str, Any]], index: int = 0) -> list[dict[str, Any]]:
+    return [c for chunk in chunks for c in chunk["choices"] if c["index"] == index]
+
+
+def streamed_text(chunks: list[dict[str, Any]], index: int = 0) -> str:
+    return "".join(c["delta"].get("content") or "" for c in streamed_choices(chunks, index))

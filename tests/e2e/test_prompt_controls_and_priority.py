@@ -14,24 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
+from wire import MODEL, complete, post
 
-MODEL = "SmolLM2-135M-Instruct"
 CAPITAL = "What is the capital of France?"
 MAX_MODEL_LEN = 2048  # the suite's server (conftest)
-
-
-def post(base_url: str, messages: str | list[dict[str, str]], **fields: Any) -> httpx.Response:
-    if isinstance(messages, str):
-        messages = [{"role": "user", "content": messages}]
-    return httpx.post(
-        f"{base_url}/v1/chat/completions", json={"model": MODEL, "messages": messages, **fields}, timeout=300
-    )
-
-
-def complete(base_url: str, messages: str | list[dict[str, str]], **fields: Any) -> dict[str, Any]:
-    resp = post(base_url, messages, **fields)
-    assert resp.status_code == 200, resp.text
-    return resp.json()  # type: ignore[no-any-return]
 
 
 # ---- truncate_prompt_tokens ------------------------------------------------------------------

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -12,39 +11,12 @@ import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletion
+from wire import MODEL, body, complete, stream, streamed_choices
 
 from loom.engine import AsyncEngine
 
-MODEL = "SmolLM2-135M-Instruct"
 CAPITAL = "What is the capital of France?"  # greedy: "The capital of France is Paris." then EOS
 POEM = "Write a short poem about the sea."
-
-
-def body(prompt: str | list[dict[str, str]], **fields: Any) -> dict[str, Any]:
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return {"model": MODEL, "messages": messages, **fields}
-
-
-def complete(base_url: str, prompt: str | list[dict[str, str]], **fields: Any) -> dict[str, Any]:
-    resp = httpx.post(f"{base_url}/v1/chat/completions", json=body(prompt, **fields), timeout=300)
-    assert resp.status_code == 200, resp.text
-    return resp.json()  # type: ignore[no-any-return]
-
-
-def stream(base_url: str, prompt: str | list[dict[str, str]], **fields: Any) -> list[dict[str, Any]]:
-    chunks = []
-    with httpx.stream(
-        "POST", f"{base_url}/v1/chat/completions", json=body(prompt, stream=True, **fields), timeout=300
-    ) as resp:
-        assert resp.status_code == 200, resp.read()
-        for line in resp.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunks.append(json.loads(line[len("data: ") :]))
-    return chunks
-
-
-def streamed_choices(chunks: list[dict[str, Any]], index: int = 0) -> list[dict[str, Any]]:
-    return [c for chunk in chunks for c in chunk["choices"] if c["index"] == index]
 
 
 # ---- logprobs --------------------------------------------------------------------------------

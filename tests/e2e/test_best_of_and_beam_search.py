@@ -8,14 +8,10 @@ import math
 from typing import Any
 
 import pytest
-from wire import complete, post, stream
+from wire import complete, post, stream, streamed_text
 
 CAPITAL = "What is the capital of France?"
 POEM = "Write a short poem about the sea."
-
-
-def streamed_text(chunks: list[dict[str, Any]], index: int) -> str:
-    return "".join(c["delta"].get("content") or "" for chunk in chunks for c in chunk["choices"] if c["index"] == index)
 
 
 def cumulative(choice: dict[str, Any]) -> float:
