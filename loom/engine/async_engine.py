@@ -46,6 +46,11 @@ class EngineError(RuntimeError):
     """The core failed while running a request; the request is over, the engine keeps serving."""
 
 
+def server_failed(req_id: str) -> EngineError:
+    """What a failed request's stream learns: no exception text, no path (the core logged those)."""
+    return EngineError(f"The server failed while processing request {req_id}.")
+
+
 @dataclass(slots=True)
 class _Stream:
     detok: IncrementalDetokenizer
@@ -186,22 +191,29 @@ class AsyncEngine:
                 self.core.abort_request(str(payload))
 
     def _fail_all(self, exc: Exception) -> None:
+        """Last resort (the step failed outside any one request's work): every request ends; the
+        traceback was logged, the streams learn only that the server failed."""
         for req_id in list(self.core.scheduler.requests):
             self.core.abort_request(req_id)
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._fail_streams, EngineError(f"engine step failed: {exc}"))
+        self._loop.call_soon_threadsafe(self._fail_streams, None)
 
-    def _fail_streams(self, err: EngineError) -> None:
-        for stream in self._streams.values():
+    def _fail_streams(self, err: EngineError | None) -> None:
+        """Ends every open stream with `err`, or (None) each with its own `server_failed` error."""
+        for req_id, stream in self._streams.items():
             if not stream.finished:
                 stream.finished = True
-                stream.queue.put_nowait(err)
+                stream.queue.put_nowait(err or server_failed(req_id))
 
     def _dispatch(self, outputs: list[CoreOutput]) -> None:
         for out in outputs:
             stream = self._streams.get(out.req_id)
             if stream is None or stream.finished:
                 continue  # the client left, or a stop string already ended it
+            if out.finish_reason == "error":  # its own work failed in the core (logged there)
+                stream.finished = True
+                stream.queue.put_nowait(server_failed(out.req_id))
+                continue
             stream.queue.put_nowait(self._to_request_output(out, stream))
 
     def _to_request_output(self, out: CoreOutput, stream: _Stream) -> RequestOutput:

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from loom.engine.grammar import Grammar
 from loom.engine.logprobs import TokenLogprob
 from loom.engine.sampling_params import SamplingParams
+from loom.engine.sampling_rows import PenaltyTracker, RowSampling
 
 _arrival_counter = itertools.count()
 
@@ -30,6 +32,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 3
     FINISHED_LENGTH = 4
     FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6  # its own work raised: it alone ends, the step goes on for the others
 
     @property
     def finished(self) -> bool:
@@ -44,6 +47,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -75,12 +79,11 @@ class Request:
         self.block_hashes: list[bytes] = []  # chained content hashes of its full blocks (kv_cache.py)
         self.arrival = next(_arrival_counter)
         self.generator = None if submitted.params.seed is None else seeded_generator(submitted.params.seed)
-        # buffers of loom/engine/logits_processors.py, built on first use (vocab-sized)
-        # penalties' sparse view (see logits_processors): distinct prompt/output tokens, output counts
-        self.seen_index: dict[int, int] | None = None  # token id -> position in seen_ids
-        self.seen_ids: list[int] = []
-        self.seen_counts: list[float] = []
-        self.num_counted_outputs = 0  # output_ids[:num_counted_outputs] are in seen_counts
+        # built at admission by `admit_sampling` (a failure there fails this request only)
+        self.sampling: RowSampling | None = None
+        self.penalties: PenaltyTracker | None = None  # distinct seen tokens and output counts
+        # structured outputs: has accepted exactly `output_ids` (a recompute after preemption re-accepts nothing)
+        self.grammar: Grammar | None = None
         # the runner fills this across prefill chunks: entry i is prompt token i + 1 under position i
         self.prompt_logprobs: list[TokenLogprob] | None = None if submitted.params.prompt_logprobs is None else []
 

@@ -1,24 +1,34 @@
-"""Batched sampler: one token per row of logits, every parameter a tensor op over the batch.
+"""Batched sampler: one token per row of logits, every parameter a tensor op over a `SamplingBatch`.
 
 Order of operations (each step skipped when no row in the batch needs it):
-  0. logprobs: rows whose params ask for them take `log_softmax` of the raw logits first
-  1. min_tokens: EOS and stop token ids are banned for rows below their min_tokens; then the
-     penalties, biases and masks of `logits_processors` (in place, order written there)
-  2. greedy rows take the argmax of the (masked) logits
-  3. temperature scaling (greedy rows divided by 1, their result is already fixed)
-  4. top_k, then top_p, over one descending sort of the logits
-  5. min_p: tokens whose probability is below min_p * max probability are dropped
-  6. a draw per row by the exponential race `argmax(p / q), q ~ Exp(1)`; rows with a seed draw
-     q from their own generator, so a seeded request samples the same whether alone or batched.
-  7. logprobs: the sampled token's logprob and rank, and the top k, gathered from step 0.
+  0. logprobs: rows that ask take `log_softmax` of the raw logits first
+  1. masks, bans, penalties and biases of `logits_processors`, in the order written there: the
+     grammar bitmask, min_tokens (EOS and stop ids), repetition / frequency / presence
+     penalties, logit_bias, allowed_token_ids, bad words; on a working copy, so the logits
+     passed in stay raw
+  2. a row left with no token (its grammar, min_tokens, allowed_token_ids and bad words together
+     exclude every token) gets None: its constraints contradict each other, and the core fails
+     that request alone
+  3. greedy rows take the argmax of the processed logits
+  4. temperature scaling (greedy rows divided by 1, their result is already fixed)
+  5. top_k: tokens below the row's k-th largest logit are dropped (one `topk`, no sort)
+  6. top_p: on the rows that use it only, one descending sort; a token is dropped when the mass
+     strictly before it already reaches top_p (the top token always stays)
+  7. min_p: tokens whose probability is below min_p * max probability are dropped
+  8. the draw, by inverse CDF: the row's cumulative (unnormalized) probabilities are searched for
+     its uniform number times their total. One number per row (drawn when the batch was built,
+     from the row's own generator when it has a seed), so a seeded request samples the same
+     alone or batched, and no vocabulary-sized random tensor is made
+  9. logprobs: the sampled token's logprob and rank, and the top k, gathered from step 0.
 
 Logprobs (sampled and prompt alike) come from the RAW model distribution: the softmax of the
-model's logits before min_tokens, penalties, logit_bias, allowed / bad words, temperature and
-top-k / top-p / min-p (vLLM's default, "raw_logprobs"). So they are defined for greedy rows too,
-do not depend on temperature, and a sampled token's rank can exceed 1 when a processor or a
-filter moved the choice (a +100 logit_bias forces a token but reports its model logprob).
+model's logits before the grammar, min_tokens, penalties, logit_bias, allowed / bad words,
+temperature and top-k / top-p / min-p (vLLM's default, "raw_logprobs"). So they are defined for
+greedy rows too, do not depend on temperature, and a sampled token's rank can exceed 1 when a
+mask or a filter moved the choice (a grammar forces a token, a +100 logit_bias forces one: each
+reports its model logprob).
 
-Never decides stop conditions (the scheduler does) and never touches text.
+Never decides stop conditions (the scheduler does), never touches text or `Request`.
 """
 
 from __future__ import annotations
@@ -29,15 +39,15 @@ import torch
 
 from loom.engine.logits_processors import apply_logits_processors
 from loom.engine.logprobs import TokenLogprob
-from loom.engine.request import Request
+from loom.engine.sampling_batch import SamplingBatch
 
 _NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True, slots=True)
 class SamplerOutput:
-    token_ids: list[int]  # one per row
-    # row r's record when reqs[r].params.logprobs is set (else None); None altogether when no row asked
+    token_ids: list[int | None]  # one per row; None: every token of the row was masked (step 2)
+    # row r's record when row r asks for logprobs (else None); None altogether when no row asked
     logprobs: list[TokenLogprob | None] | None = None
 
 
@@ -60,82 +70,82 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: lis
 
 
 class Sampler:
-    def sample(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
-        """`logits` is `[R, vocab]` float32 (modified in place), row r belonging to `reqs[r]`."""
-        if not reqs:
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        """`logits` is `[R, vocab]` float32, row r belonging to the batch's row r; left unchanged."""
+        if batch.num_rows == 0:
             return SamplerOutput([])
-        rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
-        if not rows:
-            return SamplerOutput(self._choose(logits, reqs).tolist())
-        raw = logits.log_softmax(dim=-1) if len(rows) == len(reqs) else logits[rows].log_softmax(dim=-1)
-        sampled = self._choose(logits, reqs)
-        records = token_logprobs(raw, sampled[rows], [reqs[i].params.logprobs or 0 for i in rows])
-        logprobs: list[TokenLogprob | None] = [None] * len(reqs)
-        for i, record in zip(rows, records, strict=True):
+        if logits.shape[0] != batch.num_rows:
+            raise ValueError(f"{logits.shape[0]} rows of logits for a batch of {batch.num_rows}")
+        raw = None
+        if batch.logprob_rows:
+            rows = list(batch.logprob_rows)
+            raw = logits.log_softmax(dim=-1) if len(rows) == batch.num_rows else logits[rows].log_softmax(dim=-1)
+        sampled, alive = self._choose(logits, batch)
+        token_ids: list[int | None] = list(sampled.tolist())
+        if alive is not None:
+            token_ids = [t if ok else None for t, ok in zip(token_ids, alive.tolist(), strict=True)]
+        if raw is None:
+            return SamplerOutput(token_ids)
+        records = token_logprobs(raw, sampled[list(batch.logprob_rows)], list(batch.num_top_logprobs))
+        logprobs: list[TokenLogprob | None] = [None] * batch.num_rows
+        for i, record in zip(batch.logprob_rows, records, strict=True):
             logprobs[i] = record
-        return SamplerOutput(sampled.tolist(), logprobs)
+        return SamplerOutput(token_ids, logprobs)
 
-    def _choose(self, logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        """Steps 1-6: one token id per row, `[R]`."""
-        self._apply_min_tokens(logits, reqs)
-        apply_logits_processors(logits, reqs)
-        greedy = torch.tensor([r.params.greedy for r in reqs])
-        if bool(greedy.all()):
-            return logits.argmax(dim=-1)
-        temps = torch.tensor([r.params.temperature if r.params.temperature > 0 else 1.0 for r in reqs])
-        logits = logits / temps.unsqueeze(1)
-        logits = self._apply_top_k_top_p(logits, reqs)
+    def _choose(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Steps 1-8: one token id per row `[R]`, and which rows had any token left (None: all did)."""
+        if _has_processors(batch):
+            logits = logits.clone()
+            apply_logits_processors(logits, batch)
+        alive = (logits.amax(dim=-1) > _NEG_INF) if batch.may_mask_all else None
+        if batch.all_greedy:
+            return logits.argmax(dim=-1), alive
+        if batch.temperature is not None:
+            logits = logits / batch.temperature.unsqueeze(1)
+        logits = _apply_top_k(logits, batch)
+        logits = _apply_top_p(logits, batch)
         probs = logits.softmax(dim=-1)
-        probs = self._apply_min_p(probs, reqs)
-        sampled = self._draw(probs, reqs)
-        if bool(greedy.any()):
-            sampled = torch.where(greedy, logits.argmax(dim=-1), sampled)
-        return sampled
+        if batch.min_p is not None:
+            threshold = batch.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+            probs = probs.masked_fill(probs < threshold, 0.0)
+        sampled = _draw(probs, batch.uniform)
+        if bool(batch.greedy.any()):
+            sampled = torch.where(batch.greedy, logits.argmax(dim=-1), sampled)
+        return sampled, alive
 
-    @staticmethod
-    def _apply_min_tokens(logits: torch.Tensor, reqs: list[Request]) -> None:
-        rows: list[int] = []
-        cols: list[int] = []
-        for i, r in enumerate(reqs):
-            if len(r.output_ids) >= r.params.min_tokens:
-                continue
-            banned = set(r.params.stop_token_ids)
-            if r.eos_token_id is not None and not r.params.ignore_eos:
-                banned.add(r.eos_token_id)
-            rows.extend([i] * len(banned))
-            cols.extend(banned)
-        if rows:
-            logits[rows, cols] = _NEG_INF
 
-    @staticmethod
-    def _apply_top_k_top_p(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        top_k = [r.params.top_k for r in reqs]
-        top_p = [r.params.top_p for r in reqs]
-        if all(k is None for k in top_k) and all(p >= 1.0 for p in top_p):
-            return logits
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        vocab = logits.shape[-1]
-        ranks = torch.arange(vocab).unsqueeze(0)
-        k = torch.tensor([kk if kk is not None else vocab for kk in top_k]).unsqueeze(1)
-        sorted_logits = sorted_logits.masked_fill(ranks >= k, _NEG_INF)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the mass strictly before it already reaches top_p (the top token always stays)
-        mass_before = probs.cumsum(dim=-1) - probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= torch.tensor(top_p).unsqueeze(1), _NEG_INF)
-        return torch.full_like(logits, _NEG_INF).scatter_(-1, order, sorted_logits)
+def _has_processors(batch: SamplingBatch) -> bool:
+    return any(x is not None for x in (batch.grammar_rows, batch.banned, batch.penalties, batch.bias, batch.allowed))
 
-    @staticmethod
-    def _apply_min_p(probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        min_p = [r.params.min_p for r in reqs]
-        if not any(min_p):
-            return probs
-        threshold = torch.tensor(min_p).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
-        return probs.masked_fill(probs < threshold, 0.0)
 
-    @staticmethod
-    def _draw(probs: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-        q = torch.empty_like(probs).exponential_()
-        for i, r in enumerate(reqs):
-            if r.generator is not None:
-                q[i].exponential_(generator=r.generator)
-        return (probs / q).argmax(dim=-1)
+def _apply_top_k(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    if batch.top_k is None:
+        return logits
+    rows, k = batch.top_k.rows, batch.top_k.values
+    sub = logits.index_select(0, rows)  # [M, vocab]
+    kth = sub.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))  # [M, 1]
+    return logits.index_copy(0, rows, sub.masked_fill(sub < kth, _NEG_INF))
+
+
+def _apply_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    if batch.top_p is None:
+        return logits
+    rows, p = batch.top_p.rows, batch.top_p.values
+    sorted_logits, order = logits.index_select(0, rows).sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    sorted_logits = sorted_logits.masked_fill(mass_before >= p.unsqueeze(1), _NEG_INF)
+    kept = torch.full_like(sorted_logits, _NEG_INF).scatter_(-1, order, sorted_logits)
+    return logits.index_copy(0, rows, kept)
+
+
+def _draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF: the first token whose cumulative probability exceeds uniform * total."""
+    cdf = probs.cumsum(dim=-1)  # [R, vocab], unnormalized: filters zeroed some tokens
+    target = uniform.unsqueeze(1) * cdf[:, -1:]  # [R, 1]
+    sampled = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+    # rounding can land past the last token with probability: take the row's best token instead
+    stray = probs.gather(1, sampled.unsqueeze(1)).squeeze(1) == 0
+    if bool(stray.any()):
+        sampled = torch.where(stray, probs.argmax(dim=-1), sampled)
+    return sampled

@@ -7,6 +7,10 @@ wire request into this; the engine never sees HTTP names or raw JSON.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loom.engine.grammar import CompiledGrammar
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,9 @@ class SamplingParams:
     logprobs: int | None = None  # None = off; k >= 0 = the sampled token's logprob plus the top k
     prompt_logprobs: int | None = None  # None = off; k >= 0 = per prompt token, plus the top k
     repetition_detection: RepetitionDetection | None = None
+    # structured outputs: a grammar compiled by serving (loom/serving/structured.py); each engine
+    # request gets its own state of it, and ends with "stop" once the grammar is complete
+    grammar: CompiledGrammar | None = None
 
     def __post_init__(self) -> None:
         # the API validates user input; these guard engine callers (tests, bench, future front-ends)

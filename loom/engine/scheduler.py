@@ -18,6 +18,10 @@ request needs a block and none is free, the running request with the largest key
 arrival under fcfs, the lowest priority under priority) is preempted first. A preempted request
 rejoins the waiting queue at its key's place. No request is preempted to admit a waiting one.
 
+Structured outputs: a request whose grammar is complete after the token just sampled (it allows
+nothing more but the end) finishes with "stop" at once, even below min_tokens (nothing else could
+follow), before length is checked: a constraint completed by the last allowed token is "stop".
+
 Repetition detection (`SamplingParams.repetition_detection`): after each sampled token the
 scheduler checks whether the output ids (never the prompt) end with a pattern of L tokens
 repeated `min_count` times back to back, for some `min_pattern_size <= L <= max_pattern_size`.
@@ -96,7 +100,8 @@ class Scheduler:
         """Sort key of both queues: smaller is admitted first, given budget first, preempted last."""
         return (req.priority if self.config.policy == "priority" else 0, req.arrival)
 
-    def abort(self, req_id: str) -> Request | None:
+    def abort(self, req_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> Request | None:
+        """Ends a request that is waiting or running (aborted, or FINISHED_ERROR when its own work failed)."""
         req = self.requests.pop(req_id, None)
         if req is None:
             return None
@@ -104,7 +109,7 @@ class Scheduler:
             self.running.remove(req)
         else:
             self.waiting.remove(req)
-        self._finish(req, RequestStatus.FINISHED_ABORTED)
+        self._finish(req, status)
         return req
 
     def schedule(self) -> SchedulerOutput:
@@ -159,11 +164,17 @@ class Scheduler:
         bisect.insort(self.waiting, req, key=self._order)
 
     def update(
-        self, out: SchedulerOutput, sampled: dict[str, int], logprobs: dict[str, TokenLogprob] | None = None
+        self,
+        out: SchedulerOutput,
+        sampled: dict[str, int],
+        logprobs: dict[str, TokenLogprob] | None = None,
+        grammar_complete: frozenset[str] = frozenset(),
     ) -> list[CoreOutput]:
         """Advances computed counts, appends sampled tokens, applies stop conditions.
 
-        `logprobs` holds the sampled token's record for the requests that asked for logprobs.
+        `logprobs` holds the sampled token's record for the requests that asked for logprobs;
+        `grammar_complete` the requests whose grammar allows nothing after the token just sampled.
+        Requests that finished while the step ran (aborted, failed) are skipped.
         """
         results = []
         for req, num_new in out.scheduled:
@@ -175,7 +186,7 @@ class Scheduler:
             if token is None:  # a prefill chunk that did not reach the end of the prompt
                 continue
             req.output_ids.append(token)
-            status = self._check_stop(req, token)
+            status = self._check_stop(req, token, req.req_id in grammar_complete)
             if status is not None:
                 self.running.remove(req)
                 self.requests.pop(req.req_id, None)
@@ -194,7 +205,7 @@ class Scheduler:
             )
         return results
 
-    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+    def _check_stop(self, req: Request, token: int, grammar_complete: bool = False) -> RequestStatus | None:
         params = req.params
         num_output = len(req.output_ids)
         if num_output >= params.min_tokens:
@@ -203,6 +214,8 @@ class Scheduler:
             if token in params.stop_token_ids:
                 req.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
+        if grammar_complete:  # the constraint allows nothing more: done, whatever min_tokens says
+            return RequestStatus.FINISHED_STOPPED
         if params.max_tokens is not None and num_output >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         if req.num_tokens >= self.config.max_model_len:

@@ -8,11 +8,9 @@ from collections import Counter
 
 import pytest
 import torch
+from batch_helpers import admitted_request, processed, sample_output
 
-from loom.engine.logits_processors import apply_logits_processors
-from loom.engine.request import EngineRequest, Request
-from loom.engine.sampler import Sampler
-from loom.engine.sampling_params import SamplingParams
+from loom.engine.request import Request
 
 EOS = 2
 VOCAB = 16
@@ -26,9 +24,7 @@ def _seed_global_rng() -> None:
 
 
 def make_request(req_id: str = "r", output_ids: tuple[int, ...] = (), **params: object) -> Request:
-    req = Request(EngineRequest(req_id, PROMPT, SamplingParams(**params)), eos_token_id=EOS)  # type: ignore[arg-type]
-    req.output_ids.extend(output_ids)
-    return req
+    return admitted_request(req_id, PROMPT, VOCAB, EOS, output_ids, **params)
 
 
 def signed_logits(rows: int = 1) -> torch.Tensor:
@@ -36,15 +32,8 @@ def signed_logits(rows: int = 1) -> torch.Tensor:
     return (torch.arange(VOCAB, dtype=torch.float32) - 7.5).expand(rows, -1).clone()
 
 
-def processed(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
-    out = logits.clone()
-    apply_logits_processors(out, reqs)
-    return out
-
-
-def sample(logits: torch.Tensor, reqs: list[Request]) -> list[int]:
-    with torch.inference_mode():
-        return Sampler().sample(logits.clone(), reqs).token_ids
+def sample(logits: torch.Tensor, reqs: list[Request]) -> list[int | None]:
+    return sample_output(logits, reqs).token_ids
 
 
 # --- no-op ------------------------------------------------------------------------------------

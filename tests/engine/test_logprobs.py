@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from batch_helpers import admitted_request, sample_output
 
 from loom.engine.core import EngineCore
 from loom.engine.kv_cache import KVCacheManager
 from loom.engine.logprobs import TokenLogprob
 from loom.engine.request import EngineRequest, Request
 from loom.engine.runner import ModelRunner
-from loom.engine.sampler import Sampler, token_logprobs
+from loom.engine.sampler import token_logprobs
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.scheduler import CoreOutput, Scheduler, SchedulerConfig, SchedulerOutput
 from loom.models.llama import LlamaModel
@@ -42,12 +43,11 @@ CONVERSATIONS = [
 
 
 def make_request(req_id: str = "r", **params: object) -> Request:
-    return Request(EngineRequest(req_id, (10, 11, 12), SamplingParams(**params)), eos_token_id=EOS)  # type: ignore[arg-type]
+    return admitted_request(req_id, (10, 11, 12), VOCAB, EOS, **params)
 
 
-def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int], list[TokenLogprob | None] | None]:
-    with torch.inference_mode():
-        out = Sampler().sample(logits.clone(), reqs)
+def sample(logits: torch.Tensor, reqs: list[Request]) -> tuple[list[int | None], list[TokenLogprob | None] | None]:
+    out = sample_output(logits, reqs)
     return out.token_ids, out.logprobs
 
 

@@ -10,10 +10,9 @@ from collections import Counter
 
 import pytest
 import torch
+from batch_helpers import admitted_request, sample_output
 
-from loom.engine.request import _MT_STATE_OFFSET, EngineRequest, Request, seeded_generator
-from loom.engine.sampler import Sampler
-from loom.engine.sampling_params import SamplingParams
+from loom.engine.request import _MT_STATE_OFFSET, Request, seeded_generator
 
 EOS = 2
 VOCAB = 16
@@ -28,7 +27,7 @@ def _seed_global_rng() -> None:
 
 
 def make_request(req_id: str = "r", **params: object) -> Request:
-    return Request(EngineRequest(req_id, (10, 11, 12), SamplingParams(**params)), eos_token_id=EOS)  # type: ignore[arg-type]
+    return admitted_request(req_id, (10, 11, 12), VOCAB, EOS, **params)
 
 
 def peaked_logits() -> torch.Tensor:
@@ -44,14 +43,11 @@ def random_logits(rows: int, seed: int = 1) -> torch.Tensor:
 
 def draw_many(logits_row: torch.Tensor, num: int = NUM_DRAWS, **params: object) -> Counter[int]:
     reqs = [make_request(f"r{i}", **params) for i in range(num)]
-    with torch.inference_mode():
-        tokens = Sampler().sample(logits_row.expand(num, -1).clone(), reqs).token_ids
-    return Counter(tokens)
+    return Counter(sample_output(logits_row.expand(num, -1), reqs).token_ids)
 
 
-def sample(logits: torch.Tensor, reqs: list[Request]) -> list[int]:
-    with torch.inference_mode():
-        return Sampler().sample(logits.clone(), reqs).token_ids
+def sample(logits: torch.Tensor, reqs: list[Request]) -> list[int | None]:
+    return sample_output(logits, reqs).token_ids
 
 
 # --- greedy and filters ------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""A whole engine core in milliseconds: a tiny random Llama over a byte-level tokenizer.
+
+The model is random (seeded, so deterministic), which is all containment and grammar tests
+need: the same greedy tokens for the same request alone or batched, and a grammar that has to
+steer whatever the model prefers. The tokenizer is a real Hugging Face fast tokenizer (one token
+per byte, plus EOS), so grammar backends bridge to it as they do to a real model's.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from loom.engine.core import EngineCore
+from loom.engine.kv_cache import KVCacheManager
+from loom.engine.request import EngineRequest
+from loom.engine.runner import ModelRunner
+from loom.engine.sampling_params import SamplingParams
+from loom.engine.scheduler import Scheduler, SchedulerConfig
+from loom.models.config import ModelConfig
+from loom.models.llama import LlamaModel
+from loom.tokenizer import HFTokenizer
+
+BLOCK_SIZE = 4
+EOS = 0
+
+
+def byte_tokenizer() -> HFTokenizer:
+    """One token per byte (GPT-2's byte alphabet, no merges) and EOS "</s>" as id 0: 257 tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"</s>": EOS}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>"))
+
+
+def tiny_model(vocab_size: int = 257, seed: int = 0) -> LlamaModel:
+    cfg = ModelConfig(
+        architecture="llama", vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=512, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlamaModel(cfg, torch.float32)
+    with torch.no_grad():  # sharper logits than the default init: greedy choices are far from ties
+        model.lm_head.weight.mul_(8.0)
+    return model.eval()
+
+
+def build_core(model: LlamaModel, num_blocks: int = 128, max_num_batched_tokens: int = 256) -> EngineCore:
+    kv = KVCacheManager(num_blocks, BLOCK_SIZE)
+    sched = Scheduler(
+        SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=max_num_batched_tokens, max_model_len=512), kv
+    )
+    return EngineCore(sched, ModelRunner(model, num_blocks, BLOCK_SIZE, torch.float32), eos_token_id=EOS)
+
+
+@dataclass
+class Finished:
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    finished_at_step: int | None = None
+
+
+def run(core: EngineCore, requests: dict[str, tuple[tuple[int, ...], SamplingParams]]) -> dict[str, Finished]:
+    """Submits every request at once and steps the core until it is idle."""
+    for req_id, (prompt, params) in requests.items():
+        core.add_request(EngineRequest(req_id, prompt, params))
+    results: dict[str, Finished] = defaultdict(Finished)
+    for step in range(10_000):
+        if not core.has_work:
+            break
+        for out in core.step():
+            result = results[out.req_id]
+            result.token_ids.extend(out.new_token_ids)
+            if out.finish_reason is not None:
+                result.finish_reason, result.finished_at_step = out.finish_reason, step
+    return dict(results)
