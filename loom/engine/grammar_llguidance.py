@@ -23,7 +23,6 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import torch
 
 from loom.engine.grammar import GrammarError, GrammarSource, bitmask_words
@@ -77,7 +76,13 @@ class LLGuidanceGrammar:
             raise GrammarError(f"cannot roll back {num_tokens} tokens: {_short(self._matcher.get_error())}")
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)
+        target = bitmask[row]
+        if bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or not target.is_contiguous():
+            raise ValueError("a bitmask row must be contiguous int32 on the CPU")
+        if target.numel() != self.bitmask_words:
+            raise ValueError(f"a bitmask row of {target.numel()} words, not {self.bitmask_words}")
+        # llguidance writes the row in place (and drops the GIL meanwhile); the checks above keep it in bounds
+        self._matcher.unsafe_compute_mask_ptr(target.data_ptr(), self.bitmask_words * 4)
         if self._matcher.is_error():  # a limit hit: its mask would allow only EOS, a false "stop"
             raise GrammarError(f"the constraint failed: {_short(self._matcher.get_error())}")
 

@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+from byte_tokenizer import EOS, byte_tokenizer
 
 from loom.engine.core import EngineCore
 from loom.engine.kv_cache import KVCacheManager
@@ -21,24 +22,10 @@ from loom.engine.sampling_params import SamplingParams
 from loom.engine.scheduler import Scheduler, SchedulerConfig
 from loom.models.config import ModelConfig
 from loom.models.llama import LlamaModel
-from loom.tokenizer import HFTokenizer
+
+__all__ = ["EOS", "Finished", "build_core", "byte_tokenizer", "run", "tiny_model"]
 
 BLOCK_SIZE = 4
-EOS = 0
-
-
-def byte_tokenizer() -> HFTokenizer:
-    """One token per byte (GPT-2's byte alphabet, no merges) and EOS "</s>" as id 0: 257 tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"</s>": EOS}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>"))
 
 
 def tiny_model(vocab_size: int = 257, seed: int = 0) -> LlamaModel:
