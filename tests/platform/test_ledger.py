@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import multiprocessing
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
-from platform_workers import place_holds
+from platform_workers import estimate_args, in_processes
 from sqlalchemy import select
 
 from loom.platform import ledger, usage
@@ -142,9 +141,7 @@ def test_fifty_parallel_holds_against_ten_never_overdraw(db: Database) -> None:
 
 def test_holds_from_several_processes_on_one_database_never_overdraw(db: Database, db_url: str) -> None:
     who = _funded(db, 300 * 10)
-    ctx = multiprocessing.get_context("spawn")
     batches = [[f"p{p}-h{i}" for i in range(17)] for p in range(3)]  # 51 holds from 3 processes
-    with ctx.Pool(len(batches)) as pool:
-        granted = pool.starmap(place_holds, [(db_url, who.account_id, batch, ESTIMATE) for batch in batches])
+    granted = in_processes("place_holds", [[db_url, who.account_id, batch, estimate_args(ESTIMATE)] for batch in batches])
     assert sum(len(g) for g in granted) == 10
     assert _money(db, who) == (0, 3_000)

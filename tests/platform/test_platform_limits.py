@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Callable
 
 import pytest
 from conftest import REDIS_URL
 from fastapi.testclient import TestClient
 from platform_app import platform_app
-from platform_workers import hit_requests
+from platform_workers import in_processes
 
 from loom.api.deps import format_reset
 from loom.platform import Platform, RateLimited, WindowState
@@ -77,9 +76,7 @@ def test_a_refund_returns_tokens_to_the_window(redis_url: str | None, limits_sco
 
 
 def test_two_processes_on_one_redis_share_one_limit_exactly(limits_scope: str) -> None:
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(2) as pool:
-        allowed = pool.starmap(hit_requests, [(REDIS_URL, limits_scope, 7, 25, 40)] * 2)
+    allowed = in_processes("hit_requests", [[REDIS_URL, limits_scope, 7, 25, 40]] * 2)
     assert sum(allowed) == 25
 
 
