@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -157,6 +157,7 @@ class Meter:
         self._started = time.monotonic()
         self._meta = RequestMeta()
         self._admitted: Admitted | None = None
+        self._stream: AsyncGenerator[str, None] | None = None
         self.settlement: Settlement | None = None
 
     @property
@@ -199,11 +200,51 @@ class Meter:
         return self.settlement
 
 
+    def stream(
+        self,
+        lines: AsyncGenerator[str, None],
+        usage: Callable[[], FinalUsage],
+        failed: Callable[[], bool] = lambda: False,
+    ) -> AsyncGenerator[str, None]:
+        """Wraps a streamed response's lines so the request settles when they end: `ok` once all
+        were sent (`error` if `failed()` says the server failed), `client_disconnected` when the
+        client left, billing what `usage()` says was produced by then (after `lines` is closed,
+        so the engine has stopped). Use at most once per request."""
+        self._stream = self._metered(lines, usage, failed)
+        return self._stream
+
+    async def _metered(
+        self, lines: AsyncGenerator[str, None], usage: Callable[[], FinalUsage], failed: Callable[[], bool]
+    ) -> AsyncGenerator[str, None]:
+        ending = Ending.ERROR
+        try:
+            async for line in lines:
+                yield line
+            ending = Ending.ERROR if failed() else Ending.OK
+        except (GeneratorExit, anyio.get_cancelled_exc_class()):
+            ending = Ending.CLIENT_DISCONNECTED
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await lines.aclose()  # stops the engine's work before it is counted
+            await self.settle(usage(), ending)
+
+    async def close_stream(self) -> None:
+        """Closes a stream the server stopped sending (the client left between two chunks): its
+        own `finally` then settles what was produced."""
+        if self._stream is not None:
+            try:
+                await self._stream.aclose()
+            except RuntimeError:  # still running in the response's task, which will settle it
+                pass
+
+
 async def open_meter(request: Request, key: LoadAdmission) -> AsyncIterator[Meter]:
     meter = Meter(request, platform_state(request).platform, key)
     try:
         yield meter
     finally:
+        await meter.close_stream()
         if meter.hold_id is not None and meter.settlement is None:
             log.warning("request ended without settling hold %s: released free", meter.hold_id)
             await meter.settle(FinalUsage(), Ending.ERROR)

@@ -7,9 +7,15 @@ hold; `stream: true` settles at the end of a streamed body.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -44,15 +50,38 @@ def platform_app(platform: Platform | None, num_waiting: Callable[[], int] = lam
             raise RuntimeError("the engine failed")
         used = FinalUsage(body["prompt"], body.get("cached", 0), body["produce"])
         if body.get("stream"):
+            produced = [0]
 
             async def events() -> AsyncIterator[str]:
                 for i in range(body["produce"]):
+                    produced[0] += 1
                     yield f"data: {i}\n\n"
-                settled = await meter.settle(used, Ending.OK)
-                yield f"data: cost {settled.cost_micros if settled else None}\n\n"
+                    await asyncio.sleep(body.get("delay", 0))
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            usage = lambda: FinalUsage(body["prompt"], body.get("cached", 0), produced[0])  # noqa: E731
+            return StreamingResponse(meter.stream(events(), usage), media_type="text/event-stream")
         settled = await meter.settle(used, Ending.OK)
         return JSONResponse({"cost_micros": settled.cost_micros if settled else None, "hold_id": meter.hold_id})
 
     return app
+
+
+@contextmanager
+def live(app: FastAPI) -> Iterator[str]:
+    """Serves `app` with uvicorn on a free loopback port; yields its base URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

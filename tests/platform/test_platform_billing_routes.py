@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 from fastapi.testclient import TestClient
-from platform_app import platform_app
+from platform_app import live, platform_app
 from sqlalchemy import text
 
 from loom.platform import Platform
@@ -75,8 +77,30 @@ def test_a_streamed_request_settles_when_its_stream_ends(platform: Platform) -> 
     auth = _funded(platform, 1_000)
     with TestClient(platform_app(platform)) as client:
         response = client.post("/v1/work", json={**BODY, "stream": True}, headers=auth)
-        assert response.text.endswith("data: cost 160\n\n")
+        assert response.text.count("data: ") == 30
         assert _balance(platform) == (840, 0)
+        [record] = _usage(client, auth)
+        assert (record["status"], record["completion_tokens"], record["cost_micros"]) == ("ok", 30, 160)
+
+
+def test_a_client_that_leaves_a_stream_pays_for_what_was_produced(platform: Platform) -> None:
+    auth = _funded(platform, 10_000)
+    body = {**BODY, "stream": True, "max_tokens": 1000, "produce": 2000, "delay": 0.01}
+    with live(platform_app(platform)) as base_url:
+        with httpx.stream("POST", f"{base_url}/v1/work", json=body, headers=auth, timeout=10) as response:
+            received = 0
+            for line in response.iter_lines():
+                received += line.startswith("data: ")
+                if received == 5:
+                    break  # leaving closes the connection
+        deadline = time.monotonic() + 10
+        while _balance(platform)[1] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [record] = httpx.get(f"{base_url}/v1/usage", headers=auth).json()["data"]
+    assert record["status"] == "client_disconnected"
+    assert 5 <= record["completion_tokens"] < 2000
+    assert record["cost_micros"] == 100 + 2 * record["completion_tokens"]
+    assert _balance(platform) == (10_000 - record["cost_micros"], 0)
 
 
 def test_usage_lists_only_the_callers_own_records_newest_first(platform: Platform) -> None:
