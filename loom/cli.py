@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from loom.api.limits import add_limit_flags, limits_from_args
 from loom.engine.config import DTYPES
+from loom.parsers import reasoning_parser_names, tool_parser_names
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -55,6 +56,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument(
         "--trust-request-chat-template", action="store_true",
         help="accept a Jinja chat template sent in a request (refused with 400 otherwise)",
+    )
+    p.add_argument(
+        "--tool-call-parser", default=None, choices=tool_parser_names(),
+        help="how the model writes tool calls (default: by model family, else hermes)",
+    )
+    p.add_argument(
+        "--reasoning-parser", default=None, choices=reasoning_parser_names(),
+        help="how the model marks its reasoning (default: by model family, else none)",
     )
     p.add_argument("--allowed-origins", nargs="+", default=["*"], help="CORS: origins a browser may call from")
     p.add_argument("--allowed-methods", nargs="+", default=["*"], help="CORS: methods a browser may use")
@@ -109,6 +118,8 @@ def serve(args: argparse.Namespace) -> int:
         limits=limits,
         cors=CorsConfig(tuple(args.allowed_origins), tuple(args.allowed_methods), tuple(args.allowed_headers)),
         trust_request_chat_template=args.trust_request_chat_template,
+        tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
     )
     app = create_app(server_cfg, engine)
     server = uvicorn.Server(server_config(app, args.host, args.port, limits, args.log_level))
@@ -137,14 +148,29 @@ def bench(argv: Sequence[str]) -> int:
     return bench_main(list(argv))
 
 
+_ADMIN_COMMANDS = {
+    "keys": "create, list and revoke API keys",
+    "credits": "add to and show account balances (US dollars)",
+    "prices": "set and list model prices (US dollars per 1M tokens)",
+    "usage": "usage per account, key and model",
+    "db": "apply the platform database's migrations",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         return bench(argv[1:])
+    if argv[:1] and argv[0] in _ADMIN_COMMANDS:  # the operator's platform commands (loom.platform_cli)
+        from loom.platform_cli import admin_main
+
+        return admin_main(argv)
     parser = argparse.ArgumentParser(prog="loom", description="Loom: a self-hostable OpenAI-compatible LLM server.")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     sub.add_parser("bench", help="benchmark the server against Hugging Face transformers (see `loom bench --help`)")
+    for name, help_text in _ADMIN_COMMANDS.items():
+        sub.add_parser(name, help=help_text)
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO))
     return serve(args)

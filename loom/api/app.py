@@ -21,17 +21,23 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from loom.api.common import as_api_error, check_model, server_failed
 from loom.api.config import ServerConfig
 from loom.api.convert import to_chat_request
+from loom.api.deps import install_platform
 from loom.api.errors import InternalServerError, install_error_handlers
 from loom.api.limits import enforce_limits
+from loom.api.metrics import Metrics, install_metrics
 from loom.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from loom.api.protocol import ChatCompletionRequest, ignored_extra_fields
 from loom.api.render import ChunkOptions, ChunkWriter, completion_response
 from loom.api.routes_completions import completions_router
 from loom.api.routes_info import info_router
 from loom.api.routes_tokens import tokens_router
+from loom.api.routes_usage import usage_router
 from loom.api.strict_json import StrictJSONRoute
 from loom.engine import AsyncEngine, EngineError
+from loom.parsers import DEFAULT_TOOL_PARSER, reasoning_parser_for_model, tool_parser_for_model
+from loom.platform import Platform
 from loom.serving.chat import ChatService
+from loom.serving.chat_prompt import ParserConfig
 from loom.serving.prepare import PreparedChat
 from loom.serving.templates import TemplateRenderer
 from loom.serving.types import InvalidRequest
@@ -41,9 +47,9 @@ log = logging.getLogger(__name__)
 CHAT_PATHS = ("/v1/chat/completions", "/v1/chat/completions/", "/api/v1/chat/completions")
 
 
-def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
+def create_app(config: ServerConfig, engine: AsyncEngine, platform: Platform | None = None) -> FastAPI:
     renderer = TemplateRenderer(trust_request_templates=config.trust_request_chat_template)
-    chat = ChatService(engine, config.model_name, renderer)
+    chat = ChatService(engine, config.model_name, renderer, parser_config(config))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -56,6 +62,11 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
     app = FastAPI(title="Loom", version="0.1.0", lifespan=lifespan)
     app.router.route_class = StrictJSONRoute
     install_error_handlers(app)
+    # platform None: no auth, billing or limits (tests, embedding); requests in flight stand in
+    # for the engine's waiting queue until the engine reports that length
+    install_platform(app, platform, lambda: engine.num_active_requests)
+    install_metrics(app, Metrics(config.model_name))
+    app.include_router(usage_router())
     # Starlette runs the last added outermost: request id (and the catch-all 500) around everything
     app.add_middleware(
         CORSMiddleware,
@@ -74,7 +85,10 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model, config)
         enforce_limits(body, config.limits)
-        chat_req = to_chat_request(body, request.headers.get("x-request-id"))
+        try:
+            chat_req = to_chat_request(body, request.headers.get("x-request-id"))
+        except InvalidRequest as exc:
+            raise as_api_error(exc) from exc
         if extra := ignored_extra_fields(body):  # the spec allows unknown fields; say which went unused
             log.warning("request %s: fields no spec page defines were accepted and not used: %s", chat_req.request_id, extra[:20])
         headers = {"x-request-id": chat_req.request_id}
@@ -90,12 +104,20 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
             raise InternalServerError(server_failed(chat_req.request_id), headers=headers) from exc
         if result is None:
             return Response(status_code=499)
-        response = completion_response(result, config.model_name, chat_req.report)
+        legacy = chat_req.tools is not None and chat_req.tools.legacy_functions
+        response = completion_response(result, config.model_name, chat_req.report, legacy)
         return JSONResponse(response.model_dump(), headers=headers)
 
     for path in CHAT_PATHS:
         app.post(path, include_in_schema=path == CHAT_PATHS[0])(chat_completions)
     return app
+
+
+def parser_config(config: ServerConfig) -> ParserConfig:
+    """The server's flags, else the parsers of the model's family."""
+    family = " ".join(config.served_model_names)
+    tool = config.tool_call_parser or tool_parser_for_model(family) or DEFAULT_TOOL_PARSER
+    return ParserConfig(tool, config.reasoning_parser or reasoning_parser_for_model(family))
 
 
 def _stream(
@@ -111,6 +133,7 @@ def _stream(
             include_usage=bool(opts and opts.include_usage),
             continuous_usage=bool(opts and opts.continuous_usage_stats),
             report=chat_req.report,
+            legacy_functions=chat_req.tools is not None and chat_req.tools.legacy_functions,
         ),
     )
 

@@ -20,6 +20,8 @@ class ServerConfig:
     limits: RequestLimits = field(default_factory=RequestLimits)
     cors: CorsConfig = field(default_factory=CorsConfig)
     trust_request_chat_template: bool = False
+    tool_call_parser: str | None = None  # None: chosen by model family (hermes when unknown)
+    reasoning_parser: str | None = None  # None: chosen by model family (none when unknown)
 
     def __post_init__(self) -> None:
         if not self.served_model_names:

@@ -9,12 +9,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from loom.api.convert_tools import to_tool_options
 from loom.api.errors import UnprocessableEntityError, unsupported_parameters
 from loom.api.protocol import ChatCompletionRequest, SamplingFields, resolved_max_tokens, unsupported_fields
 from loom.api.protocol_response import random_id
+from loom.api.structured import structured_spec
 from loom.engine import SamplingParams
 from loom.engine.sampling_params import RepetitionDetection
-from loom.serving.types import ChatMessage, ChatRequest, ReportOptions, SearchOptions, TemplateOptions
+from loom.serving.types import (
+    ChatMessage,
+    ChatRequest,
+    ReasoningOptions,
+    ReportOptions,
+    SearchOptions,
+    TemplateOptions,
+)
 
 _TEXT_PART_TYPES = frozenset({"text"})
 _SKIPPED_PART_TYPES = frozenset({"thinking", "refusal"})  # earlier turns' side channels, not prompt text
@@ -60,7 +69,18 @@ def to_chat_request(req: ChatCompletionRequest, header_request_id: str | None = 
         priority=req.priority,
         cache_salt=req.cache_salt,
         user=req.user,
+        structured=structured_spec(req),
+        tools=to_tool_options(req),
+        reasoning=ReasoningOptions(include=_include_reasoning(req), effort=req.reasoning_effort),
+        documents=tuple(req.documents or ()),
     )
+
+
+def _include_reasoning(req: ChatCompletionRequest) -> bool:
+    """`include_reasoning` (default true); spec 001's `reasoning_content: false`, when sent, hides it too."""
+    if "reasoning_content" in req.model_fields_set and req.reasoning_content is False:
+        return False
+    return req.include_reasoning
 
 
 def _check_beam_search_fields(req: SamplingFields) -> None:

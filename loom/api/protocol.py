@@ -397,6 +397,10 @@ HONORED_FIELDS: frozenset[str] = frozenset(
         "echo", "best_of", "use_beam_search", "length_penalty",
         "truncate_prompt_tokens", "priority", "cache_salt", "repetition_detection",
         "kv_transfer_params", "vllm_xargs",
+        "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
+        "reasoning_effort", "include_reasoning", "reasoning_content", "documents",
+        "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+        "guided_decoding_backend", "guided_whitespace_pattern",
     }
 )  # fmt: skip
 

@@ -21,10 +21,14 @@ from loom.api.protocol_response import (
     ChatCompletionStreamResponse,
     ChatMessage,
     ChoiceLogprobs,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCallOut,
     PromptLogprob,
     PromptTokensDetails,
     TokenLogprob,
+    ToolCall,
     TopLogprob,
     Usage,
 )
@@ -75,13 +79,45 @@ def wire_prompt_logprobs(entries: st.PromptLogprobs | None) -> list[dict[str, Pr
     ]
 
 
-def completion_response(result: st.ChatResult, model: str, report: st.ReportOptions) -> ChatCompletionResponse:
+def wire_message(choice: st.ChoiceResult, legacy_functions: bool) -> ChatMessage:
+    """Content (None when the turn is only tool calls), reasoning under both names, the calls."""
+    calls = [ToolCall(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in choice.tool_calls]
+    content = choice.text if choice.text or not calls else None
+    if legacy_functions:  # answered as the legacy `functions` were asked: one `function_call`
+        function_call = calls[0].function if calls else None
+        return ChatMessage(content=content, reasoning_content=choice.reasoning, reasoning=choice.reasoning, function_call=function_call)
+    return ChatMessage(content=content, reasoning_content=choice.reasoning, reasoning=choice.reasoning, tool_calls=calls)
+
+
+def wire_delta(delta: st.ChoiceDelta) -> DeltaMessage:
+    calls = [
+        DeltaToolCall(
+            index=c.index, id=c.id, type="function" if c.id is not None else None,
+            function=DeltaFunctionCall(name=c.name, arguments=c.arguments),
+        )
+        for c in delta.tool_calls
+    ]  # fmt: skip
+    reasoning = delta.reasoning or None
+    return DeltaMessage(
+        content=delta.text or None, reasoning_content=reasoning, reasoning=reasoning, tool_calls=calls or None
+    )
+
+
+def _finish_reason(reason: str | None, legacy_functions: bool) -> str:
+    if legacy_functions and reason == "tool_calls":
+        return "function_call"
+    return reason or "stop"
+
+
+def completion_response(
+    result: st.ChatResult, model: str, report: st.ReportOptions, legacy_functions: bool = False
+) -> ChatCompletionResponse:
     choices = [
         ChatCompletionChoice(
             index=c.index,
-            message=ChatMessage(role="assistant", content=c.text),
+            message=wire_message(c, legacy_functions),
             logprobs=wire_logprobs(c.logprobs),
-            finish_reason=c.finish_reason or "stop",
+            finish_reason=_finish_reason(c.finish_reason, legacy_functions),
             stop_reason=c.stop_reason,
             token_ids=list(c.token_ids) if report.token_ids else None,
         )
@@ -104,6 +140,7 @@ class ChunkOptions:
     include_usage: bool
     continuous_usage: bool
     report: st.ReportOptions
+    legacy_functions: bool = False  # finish_reason "function_call" for the legacy `functions`
 
 
 class ChunkWriter:
@@ -145,13 +182,13 @@ class ChunkWriter:
         try:
             async for d in deltas:
                 last_usage = d.usage
-                if not d.text and d.finish_reason is None and not d.token_ids:
+                if not (d.text or d.reasoning or d.tool_calls or d.token_ids) and d.finish_reason is None:
                     continue
                 choice = ChatCompletionStreamChoice(
                     index=d.index,
-                    delta=DeltaMessage(content=d.text) if d.text else DeltaMessage(),
+                    delta=wire_delta(d),
                     logprobs=wire_logprobs(d.logprobs),
-                    finish_reason=d.finish_reason,
+                    finish_reason=d.finish_reason if d.finish_reason is None else _finish_reason(d.finish_reason, opts.legacy_functions),
                     stop_reason=d.stop_reason,
                     token_ids=list(d.token_ids) if opts.report.token_ids else None,
                 )

@@ -57,7 +57,7 @@ def tokens_router(chat: ChatService, config: ServerConfig) -> APIRouter:
                 result = await tokens.tokenize_text(tok, body.prompt, special, body.return_token_strs)
             else:
                 result = await tokens.tokenize_chat(
-                    tok, _chat_request(body, config), body.return_token_strs, chat.renderer
+                    tok, _chat_request(body, config), body.return_token_strs, chat.renderer, chat.parsers
                 )
         except InvalidRequest as exc:
             raise as_api_error(exc) from exc

@@ -16,6 +16,7 @@ end, so their text arrives in one piece per choice once the search is over.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,10 +27,24 @@ from typing import TypeVar
 from loom.engine import AsyncEngine, EngineError, RequestOutput
 from loom.engine.logprobs import TokenLogprob
 from loom.serving.beam_search import BeamSearch, BeamSearchSpec, beam_logprobs, resolved_max_tokens
+from loom.serving.chat_prompt import ParserConfig, output_plan, render_chat_prompt
+from loom.serving.choice_output import ChoiceOutput, Piece, collect
 from loom.serving.logprobs import LogprobFormatter, cumulative_logprob
-from loom.serving.prepare import PreparedChat, prepare, render_prompt
+from loom.serving.prepare import PreparedChat, prepare
+from loom.serving.structured import StructuredOutputCompiler, StructuredOutputSpec
 from loom.serving.templates import TemplateRenderer
-from loom.serving.types import ChatRequest, ChatResult, ChoiceDelta, ChoiceResult, PromptLogprobs, Usage
+from loom.serving.types import (
+    ChatRequest,
+    ChatResult,
+    ChoiceDelta,
+    ChoiceResult,
+    InvalidRequest,
+    PromptLogprobs,
+    ToolCallChunk,
+    ToolCallResult,
+    Usage,
+)
+from loom.tokenizer import Tokenizer
 
 T = TypeVar("T")
 _Item = tuple[int, RequestOutput] | BaseException | None
@@ -61,17 +76,30 @@ class _Run:
 
 
 class ChatService:
-    def __init__(self, engine: AsyncEngine, model_name: str, renderer: TemplateRenderer) -> None:
+    def __init__(
+        self, engine: AsyncEngine, model_name: str, renderer: TemplateRenderer, parsers: ParserConfig | None = None
+    ) -> None:
         self.engine = engine
         self.renderer = renderer
         self.model_name = model_name
+        self.parsers = parsers or ParserConfig()
+        self.structured = StructuredOutputCompiler(engine.tokenizer)
 
     async def prepare(self, req: ChatRequest) -> PreparedChat:
         """Raises `InvalidRequest` for anything the model cannot honor, before any work starts.
 
         Rendering and tokenizing run off the event loop: a large prompt never stalls other requests."""
-        text = await render_prompt(req, self.engine.tokenizer, self.renderer)
-        return await asyncio.to_thread(prepare, req, text, self.engine)
+        tok = self.engine.tokenizer
+        text = await render_chat_prompt(req, tok, self.renderer, self.parsers)
+        prep = await asyncio.to_thread(prepare, req, text, self.engine)
+        plan = output_plan(req, self.parsers)
+        sampling = prep.sampling
+        constraint = _constraint(req)
+        if constraint is not None:  # compiled off the loop within its budget; a bad one is a 422 here
+            sampling = dataclasses.replace(sampling, grammar=await self.structured.compile(constraint))
+        if sampling.skip_special_tokens and _spells_special_tokens(ChoiceOutput(plan).markers, tok):
+            sampling = dataclasses.replace(sampling, skip_special_tokens=False)  # the parser must see them
+        return dataclasses.replace(prep, sampling=sampling, output=plan, prompt_text=text)
 
     def _formatter(self, prep: PreparedChat) -> LogprobFormatter:
         return LogprobFormatter(self.engine.tokenizer, prep.req.report.tokens_as_ids)
@@ -100,12 +128,10 @@ class ChatService:
         for index, i in enumerate(order):
             run = runs[i]
             logprobs = fmt.entries(_required(run.records), req.report.top_logprobs) if req.report.logprobs else None
-            choices.append(
-                ChoiceResult(
-                    index, prep.echo + "".join(run.text), run.finish_reason, run.stop_reason,
-                    tuple(run.token_ids), logprobs, cums[i],
-                )
-            )  # fmt: skip
+            base = ChoiceResult(
+                index, "".join(run.text), run.finish_reason, run.stop_reason, tuple(run.token_ids), logprobs, cums[i]
+            )
+            choices.append(_parsed_result(prep, base))
         usage = Usage(len(prep.prompt_ids), sum(len(r.token_ids) for r in runs), min(r.num_cached_tokens for r in runs))
         prompt_logprobs = self._prompt_logprobs(prep, fmt, runs[0].prompt_records)
         return ChatResult(req.request_id, int(time.time()), tuple(choices), usage, prep.prompt_ids, prompt_logprobs)
@@ -132,10 +158,13 @@ class ChatService:
         )
         found = await BeamSearch(self.engine, spec).run()
         choices = tuple(
-            ChoiceResult(
-                index, prep.echo + beam.text, beam.finish_reason, beam.stop_reason, beam.token_ids,
-                fmt.entries(beam.logprobs, req.report.top_logprobs) if req.report.logprobs else None,
-                beam.cum_logprob,
+            _parsed_result(
+                prep,
+                ChoiceResult(
+                    index, beam.text, beam.finish_reason, beam.stop_reason, beam.token_ids,
+                    fmt.entries(beam.logprobs, req.report.top_logprobs) if req.report.logprobs else None,
+                    beam.cum_logprob,
+                ),
             )
             for index, beam in enumerate(found.beams[: req.n])
         )  # fmt: skip
@@ -151,6 +180,7 @@ class ChatService:
                 yield ChoiceDelta(
                     choice.index, choice.text, choice.token_ids, choice.finish_reason, choice.stop_reason,
                     result.usage, choice.logprobs, result.prompt_logprobs if choice.index == 0 else None,
+                    choice.reasoning or "", _whole_calls(choice.tool_calls),
                 )  # fmt: skip
             return
         async for delta in self._stream_sampled(prep):
@@ -162,6 +192,7 @@ class ChatService:
         for index in range(req.n):
             if prep.echo:
                 yield ChoiceDelta(index, prep.echo, (), None, None, merger.usage(), () if req.report.logprobs else None)
+        outputs = None if prep.output.is_plain else [ChoiceOutput(prep.output, prep.prompt_text) for _ in range(req.n)]
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         tasks = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(self._streams(prep))]
         try:
@@ -171,7 +202,7 @@ class ChatService:
                         raise item
                     delta = merger.add(*item)
                     if delta is not None:
-                        yield delta
+                        yield delta if outputs is None else _parsed_delta(outputs[delta.index], delta)
         finally:
             for task in tasks:
                 task.cancel()
@@ -218,6 +249,42 @@ class _DeltaMerger:
         return delta
 
 
+def _parsed_result(prep: PreparedChat, choice: ChoiceResult) -> ChoiceResult:
+    """The whole text read back: content (after the echo), reasoning, tool calls, finish_reason."""
+    if prep.output.is_plain:
+        return dataclasses.replace(choice, text=prep.echo + choice.text)
+    out = ChoiceOutput(prep.output, prep.prompt_text)
+    content, reasoning, calls = collect(out, choice.text)
+    return dataclasses.replace(
+        choice, text=prep.echo + content, reasoning=reasoning, tool_calls=calls,
+        finish_reason=out.finish_reason(choice.finish_reason),
+    )  # fmt: skip
+
+
+def _parsed_delta(out: ChoiceOutput, delta: ChoiceDelta) -> ChoiceDelta:
+    piece = out.feed(delta.text)
+    if delta.finish_reason is not None:
+        tail = out.finish()
+        piece = Piece(piece.content + tail.content, piece.reasoning + tail.reasoning, piece.tool_calls + tail.tool_calls)
+    return dataclasses.replace(
+        delta, text=piece.content, reasoning=piece.reasoning, tool_calls=piece.tool_calls,
+        finish_reason=out.finish_reason(delta.finish_reason),
+    )  # fmt: skip
+
+
+def _whole_calls(calls: tuple[ToolCallResult, ...]) -> tuple[ToolCallChunk, ...]:
+    return tuple(ToolCallChunk(i, c.id, c.name, c.arguments) for i, c in enumerate(calls))
+
+
+def _spells_special_tokens(markers: tuple[str, ...], tok: Tokenizer) -> bool:
+    """Whether any parser marker is one special token (hidden by skip_special_tokens)."""
+    for marker in markers:
+        ids = tok.encode(marker, add_special_tokens=False)
+        if len(ids) == 1 and ids[0] in tok.all_special_ids:
+            return True
+    return False
+
+
 def _required(value: T | None) -> T:
     """Logprobs the engine was asked for; their absence is an engine fault, not an empty answer."""
     if value is None:
@@ -244,3 +311,13 @@ async def _collect(stream: AsyncIterator[RequestOutput]) -> _Run:
     if not run.token_ids and run.finish_reason is None:
         raise RuntimeError("engine produced no output")
     return run
+
+
+def _constraint(req: ChatRequest) -> StructuredOutputSpec | None:
+    """The output constraint: the request's own, or a forced tool call's; both at once is a 422."""
+    forced = req.tools.constraint() if req.tools is not None else None
+    if forced is not None and req.structured is not None:
+        raise InvalidRequest(
+            f"'{req.structured.param}' does not combine with a forced tool call (tool_choice)", "tool_choice", 422
+        )
+    return forced or req.structured

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from loom.engine import AsyncEngine, SamplingParams
-from loom.serving.templates import TemplateRenderer
+from loom.serving.choice_output import OutputPlan
 from loom.serving.types import ChatRequest, InvalidRequest
 from loom.tokenizer import Tokenizer
 
@@ -26,6 +26,8 @@ class PreparedChat:
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams  # the request's params, bad words resolved, logprobs as serving needs them
     echo: str  # prepended to every choice's text ("" = nothing)
+    output: OutputPlan = OutputPlan()  # how each choice's text is read back (parsers, tool calls)
+    prompt_text: str = ""  # the rendered prompt (a reasoning parser looks for a block it opened)
 
     def candidate_params(self) -> list[SamplingParams]:
         """One per sampled sequence: n of them, or best_of. Prompt logprobs only on the first."""
@@ -40,12 +42,6 @@ class PreparedChat:
                 p = dataclasses.replace(p, prompt_logprobs=None)
             params.append(p)
         return params
-
-
-async def render_prompt(req: ChatRequest, tok: Tokenizer, renderer: TemplateRenderer) -> str:
-    """The chat rendered by its template, in the renderer's worker processes (budgeted, stoppable)."""
-    special = {"bos_token": tok.bos_token, "eos_token": tok.eos_token}
-    return await renderer.render(req.messages, req.template, tok.chat_template, special)
 
 
 def prepare(req: ChatRequest, prompt_text: str, engine: AsyncEngine) -> PreparedChat:

@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from loom.serving.prepare import render_prompt
+from loom.serving.chat_prompt import ParserConfig, render_chat_prompt
 from loom.serving.templates import TemplateRenderer
 from loom.serving.types import ChatRequest, InvalidRequest
 from loom.tokenizer import Tokenizer
@@ -31,8 +31,11 @@ async def tokenize_text(tok: Tokenizer, text: str, add_special_tokens: bool, wit
     return _tokenized(tok, ids, with_strs)
 
 
-async def tokenize_chat(tok: Tokenizer, req: ChatRequest, with_strs: bool, renderer: TemplateRenderer) -> Tokenized:
-    text = await render_prompt(req, tok, renderer)
+async def tokenize_chat(
+    tok: Tokenizer, req: ChatRequest, with_strs: bool, renderer: TemplateRenderer, parsers: ParserConfig
+) -> Tokenized:
+    """The prompt a chat request with these messages would run on."""
+    text = await render_chat_prompt(req, tok, renderer, parsers)
     return await tokenize_text(tok, text, req.template.add_special_tokens, with_strs)
 
 

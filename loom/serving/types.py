@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loom.engine import SamplingParams
+
+if TYPE_CHECKING:
+    from loom.serving.structured import StructuredOutputSpec
+    from loom.serving.tools import ToolOptions
 
 
 class InvalidRequest(Exception):
@@ -65,6 +69,12 @@ class SearchOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class ReasoningOptions:
+    include: bool = True  # reasoning_content / reasoning appear in the answer
+    effort: str | None = None  # reasoning_effort, for templates that read it
+
+
+@dataclass(frozen=True, slots=True)
 class ChatRequest:
     request_id: str
     messages: tuple[ChatMessage, ...]
@@ -78,6 +88,10 @@ class ChatRequest:
     priority: int = 0  # lower is served first (engine policy "priority" only)
     cache_salt: str | None = None
     user: str | None = None  # the end user, for the usage ledger
+    tools: ToolOptions | None = None  # None: no tool in play (none given, or tool_choice "none")
+    reasoning: ReasoningOptions = field(default_factory=ReasoningOptions)
+    documents: tuple[Mapping[str, str], ...] = ()
+    structured: StructuredOutputSpec | None = None  # the output constraint, from any spelling
 
     @property
     def num_candidates(self) -> int:
@@ -127,14 +141,33 @@ PromptLogprobs = tuple[tuple[PromptLogprob, ...] | None, ...]
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallResult:
+    id: str  # call_..., unique within a response
+    name: str
+    arguments: str  # JSON text
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallChunk:
+    """A piece of one streamed call: `id` and `name` on its first piece only."""
+
+    index: int  # which call of the choice
+    id: str | None
+    name: str | None
+    arguments: str  # a fragment; a call's fragments concatenate to its JSON arguments
+
+
+@dataclass(frozen=True, slots=True)
 class ChoiceResult:
     index: int
-    text: str
+    text: str  # the answer's content, without reasoning or tool-call markup
     finish_reason: str | None
     stop_reason: str | int | None
     token_ids: tuple[int, ...]
     logprobs: tuple[LogprobEntry, ...] | None = None  # None unless the client asked
     cumulative_logprob: float | None = None  # known when the engine reported logprobs
+    reasoning: str | None = None
+    tool_calls: tuple[ToolCallResult, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,3 +197,5 @@ class ChoiceDelta:
     usage: Usage
     logprobs: tuple[LogprobEntry, ...] | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    reasoning: str = ""
+    tool_calls: tuple[ToolCallChunk, ...] = ()

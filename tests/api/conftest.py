@@ -16,7 +16,7 @@ MODEL = "toy"
 
 
 def toy_client(**config: Any) -> TestClient:
-    engine = ToyEngine()
+    engine = ToyEngine(max_model_len=4096)
     app = create_app(ServerConfig(served_model_names=(MODEL, "org/toy"), **config), engine)  # type: ignore[arg-type]
     app.state.engine = engine  # for tests that look at what reached the engine
     return TestClient(app, raise_server_exceptions=False)

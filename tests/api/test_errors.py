@@ -141,11 +141,11 @@ def test_nested_error_message_names_the_path(client: TestClient) -> None:
 
 
 def test_unsupported_field_is_422_naming_it(client: TestClient) -> None:
-    resp = post(client, response_format={"type": "json_object"}, tools=[{"type": "function", "function": {"name": "f"}}])
+    resp = post(client, service_tier="flex", modalities=["text", "audio"])
     assert resp.status_code == 422
     error = assert_envelope(resp.json(), "invalid_request_error")
-    assert error["param"] == "response_format" and error["code"] == "unsupported_parameter"  # field order
-    assert "'response_format'" in error["message"]
+    assert error["param"] == "service_tier" and error["code"] == "unsupported_parameter"  # field order
+    assert "'service_tier'" in error["message"] and "'modalities'" in error["message"]
 
 
 def test_unknown_model_is_404_model_not_found(client: TestClient) -> None:

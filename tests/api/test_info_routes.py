@@ -67,7 +67,7 @@ def test_tokenize_a_prompt_and_back(api: TestClient) -> None:
     assert resp.status_code == 200
     body = resp.json()
     assert body["tokens"] == [0, 1, 2] and body["count"] == 3 and body["token_strs"] == ["a", "b", "c"]
-    assert body["max_model_len"] == 64
+    assert body["max_model_len"] == 4096
     assert api.post("/detokenize", json={"model": "toy", "tokens": [2, 1, 0]}).json() == {"prompt": "cba"}
 
 

@@ -311,11 +311,8 @@ def test_off_values_of_unhonored_fields_are_not_unsupported() -> None:
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, ["tools"]),
-        ({"response_format": {"type": "json_object"}}, ["response_format"]),
-        ({"guided_regex": "a+", "guided_decoding_backend": "xgrammar"}, ["guided_regex"]),
-        ({"tool_choice": "required"}, ["tool_choice"]),
-        ({"reasoning_effort": "low", "logprobs": True}, ["reasoning_effort"]),
+        ({"modalities": ["text", "audio"]}, ["modalities"]),
+        ({"prediction": {"type": "content", "content": "x"}, "logprobs": True}, ["prediction"]),
         ({"service_tier": "flex"}, ["service_tier"]),
     ],
 )

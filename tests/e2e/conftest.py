@@ -83,6 +83,7 @@ def serve(server_fields: dict[str, Any] | None = None, **engine_fields: Any) -> 
     model_path = str(default_model_path())
     fields: dict[str, Any] = {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "kv_cache_gib": 0.25, **engine_fields}
     engine = build_engine(EngineConfig(model_path=model_path, served_model_name=MODEL, **fields))
+    server_fields = {"reasoning_parser": "qwen3", **server_fields}  # SmolLM2 thinks only when a test makes it
     app = create_app(ServerConfig(served_model_names=(MODEL, DEFAULT_MODEL_HUB_ID), **server_fields), engine)
     port = free_port()
     uv = uvicorn.Server(server_config(app, "127.0.0.1", port, app_limits(server_fields), "warning"))

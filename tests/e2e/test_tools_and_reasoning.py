@@ -1,0 +1,92 @@
+"""Tools, reasoning and every message form through the real server on the default model.
+
+SmolLM2's template ignores `tools`, so Loom writes them into the system prompt (Hermes format)
+and parses the answer; the suite's server reads `<think>` blocks (`reasoning_parser` qwen3), and
+a test makes the model think by prefilling `<think>` with `continue_final_message`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+import pytest
+from wire import MODEL, complete, stream, streamed_choices
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+THINKING = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "<think>"}]
+PREFILL = {"continue_final_message": True, "add_generation_prompt": False, "max_tokens": 12, "temperature": 0}
+HISTORY = [
+    {"role": "developer", "content": "Be brief.", "name": "ops"},
+    {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}], "name": "ann"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    {"role": "assistant", "content": [{"type": "thinking", "thinking": "it is sunny"}, {"type": "text", "text": "Sunny."}]},
+    {"role": "user", "content": "And tomorrow?"},
+]
+
+
+def test_a_prefilled_think_block_is_reasoning(client: openai.OpenAI) -> None:
+    resp = client.chat.completions.create(model=MODEL, messages=THINKING, extra_body=PREFILL)  # type: ignore[arg-type]
+    message = resp.choices[0].message.model_dump()
+    assert message["reasoning_content"] and message["reasoning_content"] == message["reasoning"]
+    assert "<think>" not in (message["content"] or "") and "</think>" not in message["reasoning_content"]
+
+
+def test_include_reasoning_false_leaves_it_out(base_url: str) -> None:
+    message = complete(base_url, THINKING, include_reasoning=False, **PREFILL)["choices"][0]["message"]
+    assert message.get("reasoning_content") is None and message.get("reasoning") is None
+
+
+def test_reasoning_streams_in_deltas(base_url: str) -> None:
+    choices = streamed_choices(stream(base_url, THINKING, **PREFILL))
+    reasoning = "".join(c["delta"].get("reasoning_content") or "" for c in choices)
+    also = "".join(c["delta"].get("reasoning") or "" for c in choices)
+    assert reasoning and reasoning == also
+    blocking = complete(base_url, THINKING, **PREFILL)["choices"][0]["message"]["reasoning_content"]
+    assert reasoning == blocking
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_every_message_form_of_a_tool_round_trip_is_accepted(base_url: str, streaming: bool) -> None:
+    fields: dict[str, Any] = {"tools": [WEATHER], "max_tokens": 16, "temperature": 0, "documents": [{"title": "Forecast", "text": "Rain tomorrow."}]}
+    if streaming:
+        assert stream(base_url, HISTORY, **fields)
+    else:
+        assert complete(base_url, HISTORY, **fields)["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
+
+
+def test_legacy_function_messages_are_accepted(base_url: str) -> None:
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": "{}"}},
+        {"role": "function", "name": "get_weather", "content": "sunny"},
+    ]
+    functions = [WEATHER["function"]]
+    resp = complete(base_url, messages, functions=functions, max_tokens=8, temperature=0)
+    assert resp["choices"][0]["message"].get("tool_calls") in (None, [])
+
+
+def test_auto_tool_answers_never_leak_markup(client: openai.OpenAI) -> None:
+    resp = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[WEATHER], max_tokens=40, temperature=0,  # type: ignore[list-item]
+    )  # fmt: skip
+    choice = resp.choices[0]
+    assert "<tool_call>" not in (choice.message.content or "")
+    for call in choice.message.tool_calls or []:
+        assert call.id.startswith("call_") and call.function.name == "get_weather"
+        assert isinstance(json.loads(call.function.arguments), dict)
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls"
