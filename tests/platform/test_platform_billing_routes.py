@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from platform_app import live, platform_app
 from sqlalchemy import text
 
-from loom.platform import Platform
+from loom.platform import Platform, PlatformConfig
 from loom.platform.db import Account
 from loom.platform.keys import create_key
 from loom.platform.ledger import add_credit, set_price
@@ -129,7 +129,8 @@ def test_fifty_parallel_requests_against_ten_never_overdraw(platform: Platform) 
     assert _balance(platform) == (0, 0)
 
 
-def test_a_database_failure_is_a_plain_503(platform: Platform) -> None:
+def test_a_database_failure_is_a_plain_503(fresh_db_url: str) -> None:
+    platform = Platform(PlatformConfig(db_url=fresh_db_url))  # migrates its own schema, which this test breaks
     auth = _funded(platform, 1_000)
     with platform.db.write() as session:
         session.execute(text("DROP TABLE api_keys" + ("" if platform.db.is_sqlite else " CASCADE")))

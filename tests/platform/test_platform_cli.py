@@ -90,10 +90,11 @@ def test_usage_summarises_per_account_key_and_model(capsys: pytest.CaptureFixtur
     assert _run(capsys, db_url, "usage", "--since", "yesterday")[0] == 1
 
 
-def test_db_upgrade_brings_the_schema_to_the_models(capsys: pytest.CaptureFixture[str], db_url: str) -> None:
-    code, out, _ = _run(capsys, db_url, "db", "upgrade")
+def test_db_upgrade_brings_the_schema_to_the_models(capsys: pytest.CaptureFixture[str], fresh_db_url: str) -> None:
+    code, out, _ = _run(capsys, fresh_db_url, "db", "upgrade")
     assert code == 0 and "0001" in out
-    db = Database(db_url)
+    assert _run(capsys, fresh_db_url, "db", "upgrade")[0] == 0  # again: nothing to do
+    db = Database(fresh_db_url)
     try:
         with db.engine.connect() as conn:
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
