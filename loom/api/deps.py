@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -137,9 +137,12 @@ async def admit_load(request: Request, key: RequestLimits) -> Principal | None:
 LoadAdmission = Annotated[Principal | None, Depends(admit_load)]
 
 
-def check_model_allowed(key: Principal | None, model: str) -> None:
-    """404 for a model the key may not use, worded as for a model that does not exist."""
-    if key is not None and not key.allows(model):
+def check_model_allowed(key: Principal | None, model: str, aliases: Sequence[str] = ()) -> None:
+    """404 for a model the key may not use, worded as for a model that does not exist.
+
+    `aliases` are the other names the server answers to for the same model (`--served-model-name`):
+    a key listing any of them may use it by any of them."""
+    if key is not None and not any(key.allows(name) for name in (model, *aliases)):
         raise model_not_found(model)
 
 

@@ -40,6 +40,12 @@ class Principal:
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
 
+    def cache_salt(self, request_salt: str | None = None) -> str:
+        """The prefix-cache salt of this caller's requests: the account's, plus the request's own
+        `cache_salt`, so no tenant can time another's cached prompts."""
+        own = f"account:{self.account_id}"
+        return own if request_salt is None else f"{own}:{request_salt}"
+
 
 @dataclass(frozen=True, slots=True)
 class Refused:

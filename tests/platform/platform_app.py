@@ -23,7 +23,7 @@ from loom.api.deps import AuthedKey, HoldMeter, LoadAdmission, RequestLimits, ch
 from loom.api.errors import install_error_handlers, model_not_found
 from loom.api.metrics import Metrics, install_metrics
 from loom.api.routes_usage import usage_router
-from loom.platform import Ending, Estimate, FinalUsage, Platform, RequestMeta
+from loom.platform import Ending, Estimate, FinalUsage, Platform, PlatformConfig, RequestMeta
 
 MODELS = ("m", "other")
 
@@ -85,3 +85,22 @@ def live(app: FastAPI) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def main(argv: list[str]) -> None:
+    """`python platform_app.py DB_URL PORT REDIS_URL SCOPE`: one server process of a multi-process test."""
+    db_url, port, redis_url, scope = argv
+    platform = Platform(PlatformConfig(db_url=db_url, redis_url=redis_url, limits_scope=scope))
+    app = platform_app(platform)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning")
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

@@ -36,3 +36,12 @@ def test_worst_case_never_below_any_actual_cost() -> None:
     for cached in (0, 250, 500):
         for out in (0, 1, 64):
             assert token_cost(price, 500, cached, out) <= worst
+
+
+def test_cache_salt_separates_accounts_and_keeps_the_requests_own() -> None:
+    from loom.platform import Principal
+
+    a, b = Principal(1, "a"), Principal(2, "b")
+    assert a.cache_salt() != b.cache_salt()
+    assert a.cache_salt("x") != b.cache_salt("x") != a.cache_salt()
+    assert a.cache_salt("x") == Principal(1, "a", key_id=9).cache_salt("x")  # every key of one account shares it
