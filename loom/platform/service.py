@@ -111,7 +111,11 @@ class Platform:
                 ledger.record_rejected(self.db, who, estimate.model, meta, 0)
                 return counted
             window = counted
-        decision = ledger.hold(self.db, hold_id, who, estimate)
+        try:
+            decision = ledger.hold(self.db, hold_id, who, estimate)
+        except Exception:
+            self._refund_tokens(who, tokens if window is not None else 0)
+            raise
         if isinstance(decision, Insufficient):
             self._refund_tokens(who, tokens)
             ledger.record_rejected(self.db, who, estimate.model, meta, 0)

@@ -110,7 +110,7 @@ def test_the_database_comes_from_the_environment_or_a_path(tmp_path: Path, monke
     monkeypatch.delenv("LOOM_DB")
     assert resolve_url(None).database.endswith("loom/loom.db")  # type: ignore[union-attr]
     result = subprocess.run(
-        [sys.executable, "-m", "loom.platform_cli", "credits", "add", "--account", "a", "1"],
+        [sys.executable, "-m", "loom.cli", "credits", "add", "--account", "a", "1"],  # through `loom` itself
         env={"LOOM_DB": str(tmp_path / "cli.db"), "PATH": ""}, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
