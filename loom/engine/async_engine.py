@@ -219,7 +219,7 @@ class AsyncEngine:
     def _to_request_output(self, out: CoreOutput, stream: _Stream) -> RequestOutput:
         stream.num_output_tokens += len(out.new_token_ids)
         text_ids = out.new_token_ids
-        if out.finish_reason == "stop" and not stream.include_stop_token:
+        if out.ended_by_token and not stream.include_stop_token:
             text_ids = text_ids[:-1]  # the EOS / stop token ended it: counted in usage, not shown as text
         delta = stream.detok.update(text_ids)
         finish_reason, stop_reason = out.finish_reason, out.stop_reason

@@ -78,6 +78,9 @@ class CoreOutput:
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per new token, when params.logprobs is set
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # with the first output only; [0] is None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # the last new token is the EOS / stop token id that ended the request: counted, not text
+    # (a grammar's completion or a repetition ends with a token of the text)
+    ended_by_token: bool = False
 
 
 class Scheduler:
@@ -201,6 +204,7 @@ class Scheduler:
                     logprobs=(logprobs[req.req_id],) if logprobs and req.req_id in logprobs else None,
                     prompt_logprobs=req.take_prompt_logprobs(),
                     num_cached_tokens=req.num_cached_tokens,
+                    ended_by_token=status == RequestStatus.FINISHED_STOPPED and _is_stop_token(req, token),
                 )
             )
         return results
@@ -229,6 +233,10 @@ class Scheduler:
     def _finish(self, req: Request, status: RequestStatus) -> None:
         req.status = status
         self.kv.free(req)
+
+
+def _is_stop_token(req: Request, token: int) -> bool:
+    return req.stop_reason == token or (token == req.eos_token_id and not req.params.ignore_eos)
 
 
 def ends_in_repetition(token_ids: Sequence[int], detection: RepetitionDetection) -> bool:
