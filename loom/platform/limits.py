@@ -26,7 +26,10 @@ class RateLimiter:
     """RPM and TPM windows per key id. `scope` namespaces the counters (several servers, tests)."""
 
     def __init__(self, redis_url: str | None = None, *, scope: str = "loom") -> None:
-        self.storage: Storage = storage_from_string(redis_url or "memory://")
+        storage = storage_from_string(redis_url or "memory://")
+        if not isinstance(storage, Storage):  # an `async+...` URL: this limiter runs on worker threads
+            raise ValueError(f"{redis_url}: use a redis:// URL")
+        self.storage = storage
         self.strategy = SlidingWindowCounterRateLimiter(self.storage)
         self.scope = scope
         self.shared = redis_url is not None
