@@ -88,8 +88,8 @@ def prompts_of(req: CompletionRequest) -> list[str] | list[list[int]]:
 
 # ---- what the server honors for completions --------------------------------------------------
 
-# Fields serving turns into engine behaviour on this route. Structured outputs (response_format,
-# structured_outputs, guided_*) are not wired here yet: they are a 422 until they are.
+# Fields serving turns into engine behaviour on this route; the rest (prompt_embeds,
+# logits_processors) are a 422 when set to anything but their default.
 HONORED_COMPLETION_FIELDS: frozenset[str] = frozenset(
     {
         "model", "prompt", "suffix", "request_id", "user",
@@ -103,20 +103,16 @@ HONORED_COMPLETION_FIELDS: frozenset[str] = frozenset(
         "best_of", "use_beam_search", "length_penalty",
         "truncate_prompt_tokens", "priority", "cache_salt", "repetition_detection",
         "kv_transfer_params", "vllm_xargs",
+        "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+        "guided_decoding_backend", "guided_whitespace_pattern",
     }
 )  # fmt: skip
 
-# Unhonored fields whose value still asks for nothing: they only qualify a feature that is
-# flagged on its own, or name the default behaviour.
-_HARMLESS = frozenset({"guided_decoding_backend", "guided_whitespace_pattern"})
-
 
 def _is_off(name: str, value: Any) -> bool:
-    if name in _HARMLESS or value is None or value == CompletionRequest.model_fields[name].default:
+    if value is None or value == CompletionRequest.model_fields[name].default:
         return True
-    if isinstance(value, (list, dict, str)) and not value:
-        return True
-    return name == "response_format" and value.type == "text"
+    return isinstance(value, (list, dict, str)) and not value
 
 
 def unsupported_completion_fields(req: CompletionRequest) -> list[str]:

@@ -27,6 +27,7 @@ from loom.api.protocol_response import random_id
 from loom.api.render import ChunkOptions
 from loom.api.render_completions import CompletionChunkWriter, completion_response
 from loom.api.strict_json import StrictJSONRoute
+from loom.api.structured import structured_spec
 from loom.engine import EngineError
 from loom.serving import completion
 from loom.serving.chat import ChatService
@@ -53,7 +54,7 @@ def completions_router(chat: ChatService, config: ServerConfig) -> APIRouter:
             )
         headers = {"x-request-id": req.base.request_id}
         try:  # tokenizing runs off the event loop; refusals are a plain 4xx, not a broken stream
-            prepared = await asyncio.to_thread(completion.prepare_completion, req, chat.engine)
+            prepared = await completion.prepare(chat, req)
         except InvalidRequest as exc:
             raise as_api_error(exc) from exc
         if body.stream:
@@ -115,6 +116,7 @@ def to_completion_request(
         priority=body.priority,
         cache_salt=body.cache_salt,
         user=body.user,
+        structured=structured_spec(body),
     )
     return CompletionRequest(
         base, tuple(p if isinstance(p, str) else tuple(p) for p in prompts), echo=body.echo, echo_only=echo_only

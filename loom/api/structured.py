@@ -15,14 +15,14 @@ import json
 from typing import Any
 
 from loom.api.errors import UnprocessableEntityError
-from loom.api.protocol import ChatCompletionRequest, StructuralTagResponseFormat
+from loom.api.protocol import SamplingFields, StructuralTagResponseFormat
 from loom.engine.grammar import GrammarKind
 from loom.serving.structured import StructuredOutputSpec
 
 _Constraint = tuple[str, GrammarKind, str]  # (wire field, kind, text)
 
 
-def structured_spec(req: ChatCompletionRequest) -> StructuredOutputSpec | None:
+def structured_spec(req: SamplingFields) -> StructuredOutputSpec | None:
     """The request's constraint, or None; raises UnprocessableEntityError naming the field at fault."""
     found = _guided(req) + _structured_outputs(req) + _response_format(req)
     if not found:
@@ -53,7 +53,7 @@ def structured_spec(req: ChatCompletionRequest) -> StructuredOutputSpec | None:
     )
 
 
-def _guided(req: ChatCompletionRequest) -> list[_Constraint]:
+def _guided(req: SamplingFields) -> list[_Constraint]:
     found: list[_Constraint] = []
     if req.guided_json is not None:
         found.append(("guided_json", "json", _schema_text(req.guided_json, "guided_json")))
@@ -66,7 +66,7 @@ def _guided(req: ChatCompletionRequest) -> list[_Constraint]:
     return found
 
 
-def _structured_outputs(req: ChatCompletionRequest) -> list[_Constraint]:
+def _structured_outputs(req: SamplingFields) -> list[_Constraint]:
     so = req.structured_outputs
     if so is None:
         return []
@@ -87,7 +87,7 @@ def _structured_outputs(req: ChatCompletionRequest) -> list[_Constraint]:
     return found
 
 
-def _response_format(req: ChatCompletionRequest) -> list[_Constraint]:
+def _response_format(req: SamplingFields) -> list[_Constraint]:
     fmt = req.response_format
     param = "response_format"
     if fmt is None:

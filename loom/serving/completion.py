@@ -114,6 +114,22 @@ class CompletionDelta:
 # ---- preparing ------------------------------------------------------------------------------
 
 
+async def prepare(chat: ChatService, req: CompletionRequest) -> PreparedCompletion:
+    """Raises `InvalidRequest` for anything the model cannot honor, before any work starts. Tokenizing
+    runs in a worker thread; an output constraint compiles once, off the loop, for every prompt."""
+    prep = await asyncio.to_thread(prepare_completion, req, chat.engine)
+    if req.base.structured is None:
+        return prep
+    grammar = await chat.structured.compile(req.base.structured)
+    prompts = tuple(
+        dataclasses.replace(
+            p, chat=dataclasses.replace(p.chat, sampling=dataclasses.replace(p.chat.sampling, grammar=grammar))
+        )
+        for p in prep.prompts
+    )
+    return dataclasses.replace(prep, prompts=prompts)
+
+
 def prepare_completion(req: CompletionRequest, engine: AsyncEngine) -> PreparedCompletion:
     """Blocking (tokenizes): callers on an event loop run it in a worker thread."""
     tok, base = engine.tokenizer, req.base

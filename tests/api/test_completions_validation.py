@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import pytest
+from byte_tokenizer import byte_tokenizer
 from fastapi.testclient import TestClient
 from toy_engine import EOS, PIECES, ToyEngine, toy_logprobs
 
@@ -56,8 +57,10 @@ def record(context: Sequence[int], token_id: int, k: int) -> TokenLogprob:
     return TokenLogprob(token_id, dict(ranked)[token_id], rank, tuple(ranked[:k]))
 
 
-def scoring_client(**limits: Any) -> TestClient:
+def scoring_client(tokenizer: Any = None, **limits: Any) -> TestClient:
     engine = ScoringToyEngine()
+    if tokenizer is not None:
+        engine.tokenizer = tokenizer
     config = ServerConfig(served_model_names=(MODEL,), limits=RequestLimits(**limits))
     app = create_app(config, engine)  # type: ignore[arg-type]
     app.state.engine = engine
@@ -237,8 +240,9 @@ def test_a_stream_with_echo_only_sends_each_prompt_once_per_choice(api: TestClie
         ({"prompt": [[1], [2, 9]]}, "prompt"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 1, "min_tokens": 2}, "min_tokens"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"guided_regex": "a+"}, "guided_regex"),
+        ({"guided_choice": []}, "guided_choice"),
+        ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_choice"),
+        ({"guided_regex": "a+", "use_beam_search": True}, "guided_regex"),
         ({"prompt_embeds": "AAAA"}, "prompt_embeds"),
         ({"logits_processors": ["my.Processor"]}, "logits_processors"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
@@ -295,3 +299,12 @@ def test_the_prompt_cap_is_the_servers_flag() -> None:
         assert post(api, prompt=["a", "b"], max_tokens=1).status_code == 200
         resp = post(api, prompt=["a", "b", "c"], max_tokens=1)
         assert resp.status_code == 422 and resp.json()["error"]["code"] == "limit_exceeded"
+
+
+def test_an_output_constraint_compiles_once_for_every_prompts_sequences() -> None:
+    """Grammar backends need a real fast tokenizer: the byte-level one stands in for the model's."""
+    with scoring_client(tokenizer=byte_tokenizer()) as api:
+        resp = post(api, prompt=["ab", "ba"], n=2, max_tokens=2, response_format={"type": "json_object"})
+        assert resp.status_code == 200, resp.text
+        grammars = {id(params.grammar) for _, _, params in sent(api)}
+        assert len(sent(api)) == 4 and len(grammars) == 1 and None not in {p.grammar for _, _, p in sent(api)}

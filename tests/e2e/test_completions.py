@@ -1,7 +1,8 @@
 """`POST /v1/completions` on the real model, through the official `openai` SDK's `completions.create`:
 blocking and streaming agree, a list of prompts and token-id prompts answer as their solo runs,
-echo + logprobs score the prompt the way lm-eval's loglikelihood reads it, and a client that
-leaves a stream aborts every prompt's run. (scripts/check-lm-eval.sh runs lm-eval itself.)"""
+echo + logprobs score the prompt the way lm-eval's loglikelihood reads it, an output constraint
+holds for every prompt, and a client that leaves a stream aborts every prompt's run.
+(scripts/check-lm-eval.sh runs lm-eval itself.)"""
 
 from __future__ import annotations
 
@@ -96,3 +97,15 @@ def test_a_stream_the_client_leaves_aborts_every_prompts_run(base_url: str, wait
             if line.startswith("data: {"):
                 break  # leave after the first chunk
     assert wait_idle(10.0)
+
+
+def test_an_output_constraint_holds_for_every_prompt(client: openai.OpenAI) -> None:
+    resp = client.completions.create(
+        model=MODEL,
+        prompt=["Is the sky blue? Answer:", "Is fire cold? Answer:"],
+        max_tokens=4,
+        temperature=0,
+        extra_body={"guided_choice": ["yes", "no"]},
+    )
+    assert [c.index for c in resp.choices] == [0, 1]
+    assert all(c.text in ("yes", "no") for c in resp.choices)
