@@ -83,7 +83,8 @@ async def run_blocking(func: Callable[..., T], *args: Any) -> T:
     try:
         return await anyio.to_thread.run_sync(func, *args)
     except Exception as exc:
-        log.error("platform call %s failed: %s", getattr(func, "__name__", "?"), type(exc).__name__)
+        # credentials never reach SQL (keys are looked up by hash) and SQL parameters are hidden
+        log.error("platform call %s failed", getattr(func, "__name__", "?"), exc_info=exc)
         raise ServiceUnavailableError("The service is temporarily unavailable; retry shortly.") from None
 
 
