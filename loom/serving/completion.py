@@ -7,7 +7,8 @@ the vocabulary, truncation (`truncate_prompt_tokens`), the context-window and `m
 `echo` (the prompt's text first; with `logprobs`, the prompt tokens' logprobs first too, from the
 engine's prompt logprobs, the first token's `None`: what lm-eval's loglikelihood reads), and the
 legacy logprobs entries (`TokenScore`). Each prompt is one `PreparedChat` that `ChatService` runs,
-so n, best_of and beam search behave as in chat. Never touches tensors or HTTP.
+so n, best_of, beam search and an output constraint (compiled once for all prompts) behave as in
+chat; the text is never parsed (no tool calls or reasoning). Never touches tensors or HTTP.
 
 `echo_only` is `max_tokens: 0` with echo: the engine runs one token (prompt logprobs come with the
 first step) and the answer shows the prompt alone, `finish_reason` "length"; usage counts the
@@ -23,7 +24,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TypeVar
 
-from loom.engine import AsyncEngine, SamplingParams
+from loom.engine import AsyncEngine, EngineError, SamplingParams
 from loom.serving.chat import ChatService
 from loom.serving.logprobs import LogprobFormatter
 from loom.serving.prepare import (
@@ -263,7 +264,8 @@ class _Shaper:
             text = prompt.text + text
             if scores is not None:
                 entries = self.prompt_entries[prompt_index]
-                assert entries is not None, "echo with logprobs waits for the prompt's logprobs"
+                if entries is None:  # asked of the engine with the first step: their absence is its fault
+                    raise EngineError("the engine did not report the prompt logprobs it was asked for")
                 scores = prompt_scores(self.fmt, prompt.chat.prompt_ids, entries, report.top_logprobs) + scores
         return text, token_ids, scores, finish, stop
 
