@@ -1,4 +1,7 @@
-"""Holds, settlement and release on each database: exact integer money, idempotent verbs, no overdraft."""
+"""Holds, settlement and release on each database: exact integer money, idempotent verbs, no overdraft.
+
+Several processes on one database: `test_platform_server_processes.py`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
-from platform_workers import estimate_args, in_processes
 from sqlalchemy import select
 
 from loom.platform import ledger, usage
@@ -137,11 +139,3 @@ def test_fifty_parallel_holds_against_ten_never_overdraw(db: Database) -> None:
     assert _money(db, who) == (3_000 - 10 * 200, 0)
     with db.read() as session:
         assert len(session.execute(select(Usage)).all()) == 10
-
-
-def test_holds_from_several_processes_on_one_database_never_overdraw(db: Database, db_url: str) -> None:
-    who = _funded(db, 300 * 10)
-    batches = [[f"p{p}-h{i}" for i in range(17)] for p in range(3)]  # 51 holds from 3 processes
-    granted = in_processes("place_holds", [[db_url, who.account_id, batch, estimate_args(ESTIMATE)] for batch in batches])
-    assert sum(len(g) for g in granted) == 10
-    assert _money(db, who) == (0, 3_000)

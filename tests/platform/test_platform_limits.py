@@ -8,7 +8,6 @@ import pytest
 from conftest import REDIS_URL
 from fastapi.testclient import TestClient
 from platform_app import platform_app
-from platform_workers import in_processes
 
 from loom.api.deps import format_reset
 from loom.platform import Platform, RateLimited, WindowState
@@ -73,11 +72,6 @@ def test_a_refund_returns_tokens_to_the_window(redis_url: str | None, limits_sco
     assert limiter.state("tokens", 1, 1000).remaining == 800
     limiter.refund("tokens", 1, 1000, 10_000)  # never below zero
     assert limiter.state("tokens", 1, 1000).remaining == 1000
-
-
-def test_two_processes_on_one_redis_share_one_limit_exactly(limits_scope: str) -> None:
-    allowed = in_processes("hit_requests", [[REDIS_URL, limits_scope, 7, 25, 40]] * 2)
-    assert sum(allowed) == 25
 
 
 def test_overload_is_503_with_retry_after_and_recovers(make_platform: Callable[..., Platform]) -> None:
