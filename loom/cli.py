@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -38,7 +39,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weights, activations and KV cache dtype")
+    p.add_argument(
+        "--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+        help="weights, activations and KV cache dtype; auto: bfloat16 where the CPU has AVX-512 (oneDNN's "
+        "bf16 kernels need it), else float32",
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one running batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step (chunked prefill)")
@@ -72,7 +77,33 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     add_limit_flags(p)
 
 
+# oneDNN (bf16 linears and matmuls on CPU) keeps a compiled primitive per input shape in two LRU
+# caches of 1,024 entries each, oneDNN's own and PyTorch's ideep one (per thread). A server's
+# shapes change every step (tokens in the batch, context length), so at the defaults its memory
+# grew ~170-340 KB per finished request for as long as a soak ran (measured on an AMX Xeon: +12.8%
+# from minute 1 to 3; with these bounds 0.0%, throughput unchanged). Both are read at the first
+# primitive, so setting them before the engine is built is early enough; values already set win.
+ONEDNN_CACHE_BOUNDS = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "16"}
+
+
+def bound_onednn_caches() -> None:
+    for name, value in ONEDNN_CACHE_BOUNDS.items():
+        os.environ.setdefault(name, value)
+
+
+def resolve_dtype(dtype: str) -> str:
+    """`auto`: bfloat16 where the CPU runs it natively, float32 elsewhere (e.g. AVX2-only CPUs)."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if torch.cuda.is_available() or torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return "bfloat16"
+    return "float32"
+
+
 def serve(args: argparse.Namespace) -> int:
+    bound_onednn_caches()
     import uvicorn
     from tqdm import tqdm
 
@@ -85,11 +116,12 @@ def serve(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model_path = str(args.model or default_model_path())
     names = tuple(args.served_model_name or served_model_names(model_path))
+    dtype = resolve_dtype(args.dtype)
     name = names[0]
     config = EngineConfig(
         model_path=model_path,
         served_model_name=name,
-        dtype=args.dtype,
+        dtype=dtype,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -99,7 +131,7 @@ def serve(args: argparse.Namespace) -> int:
         scheduling_policy=args.scheduling_policy,
         enable_prefix_caching=args.enable_prefix_caching,
     )
-    print(f"loom: loading {name} from {model_path} ({args.dtype})", flush=True)
+    print(f"loom: loading {name} from {model_path} ({dtype})", flush=True)
     with tqdm(total=0, desc="loading weights", unit="tensor", file=sys.stderr) as bar:
 
         def progress(done: int, total: int) -> None:

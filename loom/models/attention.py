@@ -73,18 +73,30 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     return out.transpose(0, 1).reshape(num_reqs, num_heads, head_dim)
 
 
+# bf16/fp16 prefill pads its queries and context to a multiple of this many rows. PyTorch's CPU
+# flash attention JIT-compiles a brgemm kernel per shape and keeps each one in a cache that never
+# evicts (about 240 KB per distinct length on an AMX CPU), so unpadded, every new prompt length a
+# server sees stays in its memory; padded, a few dozen shapes cover every length.
+PREFILL_PAD = 64
+
+
 def _prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
-    num_q = q.shape[0]
+    num_q, slots = q.shape[0], span.context_slots
+    num_ctx = slots.shape[0]
+    if q.dtype in (torch.bfloat16, torch.float16):
+        # padded queries come last and are dropped; padded keys (slot 0, any content) sit after
+        # every real query's position, so the causal mask or the mask below hides them
+        q = F.pad(q, (0, 0, 0, 0, 0, -num_q % PREFILL_PAD))
+        slots = F.pad(slots, (0, -num_ctx % PREFILL_PAD))
     num_kv_heads = kv_cache.shape[0] // 2
-    kv = kv_cache.index_select(1, span.context_slots).unsqueeze(0)  # [1, 2*kv, C, hd]
+    kv = kv_cache.index_select(1, slots).unsqueeze(0)  # [1, 2*kv, C, hd]
     k, v = kv[:, :num_kv_heads], kv[:, num_kv_heads:]
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, heads, Q, hd]
     if span.is_first_chunk:
         o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, enable_gqa=True)
     else:
-        num_ctx = k.shape[2]
         # query i sits at context position num_ctx - num_q + i and may see keys up to there
-        q_pos = torch.arange(num_ctx - num_q, num_ctx).unsqueeze(1)
-        mask = torch.arange(num_ctx).unsqueeze(0) <= q_pos
+        q_pos = torch.arange(num_ctx - num_q, num_ctx - num_q + qh.shape[2]).unsqueeze(1)
+        mask = torch.arange(k.shape[2]).unsqueeze(0) <= q_pos
         o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, enable_gqa=True)
-    return o.squeeze(0).transpose(0, 1)
+    return o.squeeze(0).transpose(0, 1)[:num_q]
