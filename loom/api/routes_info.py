@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from loom.api.errors import model_not_found
 from loom.api.protocol_response import ModelCard, ModelList
+from loom.api.strict_json import StrictJSONRoute
 
 VERSION = "0.1.0"
 MODELS_PATHS = ("/v1/models", "/v1/models/", "/api/v1/models", "/api/v1/models/")
@@ -21,7 +22,7 @@ MODELS_PATHS = ("/v1/models", "/v1/models/", "/api/v1/models", "/api/v1/models/"
 
 def info_router(names: tuple[str, ...], max_model_len: Callable[[], int], is_running: Callable[[], bool]) -> APIRouter:
     """`names`: the served model names, the first the primary (each a card whose root is it)."""
-    router = APIRouter()
+    router = APIRouter(route_class=StrictJSONRoute)
 
     def cards() -> list[ModelCard]:
         return [ModelCard(id=name, root=names[0], max_model_len=max_model_len()) for name in names]

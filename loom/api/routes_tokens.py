@@ -19,6 +19,7 @@ from loom.api.convert import chat_messages, template_options
 from loom.api.errors import BadRequestError, UnprocessableEntityError
 from loom.api.protocol_messages import ChatMessageParam, WireModel
 from loom.api.protocol_response import random_id
+from loom.api.strict_json import StrictJSONRoute
 from loom.engine import SamplingParams
 from loom.serving import tokens
 from loom.serving.chat import ChatService
@@ -43,7 +44,7 @@ class DetokenizeRequest(WireModel):
 
 
 def tokens_router(chat: ChatService, config: ServerConfig) -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=StrictJSONRoute)
     tok = chat.engine.tokenizer
 
     @router.post("/tokenize")

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
 from loom.api.deps import RequestLimits, platform_state, run_blocking
+from loom.api.strict_json import StrictJSONRoute
 from loom.platform import UsageRecord
 from loom.platform.money import format_usd
 
@@ -62,7 +63,7 @@ def _out(r: UsageRecord) -> UsageRecordOut:
 
 
 def usage_router() -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=StrictJSONRoute)
 
     async def list_usage(
         request: Request,

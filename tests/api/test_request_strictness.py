@@ -141,3 +141,10 @@ def test_model_must_be_one_of_the_served_names(api: TestClient) -> None:
     error = assert_refused(api.post("/v1/chat/completions", json=chat_body(model="gpt-4")), 404, "model")
     assert error["code"] == "model_not_found"
     assert MODEL not in error["message"]  # the answer does not list what else is served
+
+
+@pytest.mark.parametrize("path", ["/tokenize", "/detokenize", "/v1/completions"])
+def test_every_json_route_parses_strictly(api: TestClient, path: str) -> None:
+    raw = '{"model": "toy", "model": "toy", "prompt": "a", "tokens": [1]}'
+    resp = api.post(path, content=raw, headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_json"
