@@ -16,8 +16,6 @@ from loom.api.protocol_response import random_id
 from loom.api.structured import structured_spec
 from loom.engine import SamplingParams
 from loom.engine.sampling_params import RepetitionDetection
-from loom.serving.structured import StructuredOutputSpec
-from loom.serving.tools import ToolOptions
 from loom.serving.types import (
     ChatMessage,
     ChatRequest,
@@ -72,25 +70,11 @@ def to_chat_request(req: ChatCompletionRequest, header_request_id: str | None = 
         priority=req.priority,
         cache_salt=req.cache_salt,
         user=req.user,
-        structured=_constraint(req, tools),
+        structured=structured_spec(req),
         tools=tools,
         reasoning=ReasoningOptions(include=_include_reasoning(req), effort=req.reasoning_effort),
         documents=tuple(req.documents or ()),
     )
-
-
-def _constraint(req: ChatCompletionRequest, tools: ToolOptions | None) -> StructuredOutputSpec | None:
-    """The one output constraint: a forced tool call's, or a structured-output field's (which, with
-    `auto` tools, constrains the raw text the tool parser then reads, as vLLM does)."""
-    spec = structured_spec(req)
-    forced = tools.constraint() if tools is not None else None
-    if forced is not None and spec is not None:
-        raise UnprocessableEntityError(
-            "a forced tool call (tool_choice 'required' or a named function) is already a constraint; "
-            f"it cannot be combined with '{spec.param}'",
-            param="tool_choice",
-        )
-    return forced or spec
 
 
 def _include_reasoning(req: ChatCompletionRequest) -> bool:
