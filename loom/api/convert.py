@@ -14,8 +14,7 @@ from loom.api.errors import UnprocessableEntityError, unsupported_parameters
 from loom.api.protocol import ChatCompletionRequest, SamplingFields, resolved_max_tokens, unsupported_fields
 from loom.api.protocol_response import random_id
 from loom.api.structured import structured_spec
-from loom.engine import SamplingParams
-from loom.engine.sampling_params import RepetitionDetection
+from loom.serving.sampling import Repetition, SamplingOptions
 from loom.serving.types import (
     ChatMessage,
     ChatRequest,
@@ -109,10 +108,10 @@ def _check_beam_search_fields(req: SamplingFields) -> None:
             )
 
 
-def _sampling_params(req: SamplingFields) -> SamplingParams:
+def _sampling_params(req: SamplingFields) -> SamplingOptions:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     top_k = req.top_k if req.top_k is not None and req.top_k > 0 else None  # 0 and -1 mean off
-    return SamplingParams(
+    return SamplingOptions(
         max_tokens=resolved_max_tokens(req),
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
@@ -135,11 +134,11 @@ def _sampling_params(req: SamplingFields) -> SamplingParams:
     )
 
 
-def _repetition_detection(req: SamplingFields) -> RepetitionDetection | None:
+def _repetition_detection(req: SamplingFields) -> Repetition | None:
     spec = req.repetition_detection
     if spec is None or spec.max_pattern_size == 0:
         return None
-    return RepetitionDetection(spec.max_pattern_size, spec.min_pattern_size or 1, spec.min_count)
+    return Repetition(spec.max_pattern_size, spec.min_pattern_size or 1, spec.min_count)
 
 
 def chat_messages(messages: Sequence[Any]) -> tuple[ChatMessage, ...]:

@@ -20,9 +20,9 @@ from loom.api.errors import BadRequestError, UnprocessableEntityError
 from loom.api.protocol_messages import ChatMessageParam, WireModel
 from loom.api.protocol_response import random_id
 from loom.api.strict_json import StrictJSONRoute
-from loom.engine import SamplingParams
 from loom.serving import tokens
 from loom.serving.chat import ChatService
+from loom.serving.sampling import SamplingOptions
 from loom.serving.types import ChatRequest, InvalidRequest
 
 
@@ -94,7 +94,7 @@ def _chat_request(body: TokenizeRequest, config: ServerConfig) -> ChatRequest:
     return ChatRequest(
         request_id=random_id("tokenize"),
         messages=chat_messages(messages),
-        sampling=SamplingParams(),
+        sampling=SamplingOptions(),
         template=template_options(
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message,

@@ -35,6 +35,7 @@ from loom.serving.prepare import (
     check_token_ids,
     engine_logprobs,
 )
+from loom.serving.sampling import engine_params
 from loom.serving.types import ChatRequest, ChoiceDelta, InvalidRequest, LogprobEntry, PromptLogprobs, Usage
 from loom.tokenizer import Tokenizer
 
@@ -141,10 +142,9 @@ def prepare_completion(req: CompletionRequest, engine: AsyncEngine) -> PreparedC
     if req.echo and report.logprobs:  # the echoed prompt's tokens need their logprobs, as vLLM's
         engine_prompt_k = max(engine_prompt_k or 0, report.top_logprobs)
     run = dataclasses.replace(base, report=dataclasses.replace(report, prompt_logprobs=engine_prompt_k, echo=False))
-    top_k = base.sampling.top_k
-    sampling = dataclasses.replace(
+    sampling = engine_params(
         base.sampling,
-        top_k=None if top_k is not None and top_k >= tok.vocab_size else top_k,  # the whole vocabulary: off
+        vocab_size=tok.vocab_size,
         bad_words_ids=bad_words_ids(base.bad_words, tok),
         logprobs=engine_logprobs(base),
         prompt_logprobs=engine_prompt_k,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from loom.engine import AsyncEngine, SamplingParams
 from loom.serving.choice_output import OutputPlan
+from loom.serving.sampling import SamplingOptions, engine_params
 from loom.serving.types import ChatRequest, InvalidRequest
 from loom.tokenizer import Tokenizer
 
@@ -51,10 +52,9 @@ def prepare(req: ChatRequest, prompt_text: str, engine: AsyncEngine) -> Prepared
     check_token_ids(req.sampling, tok.vocab_size)
     prompt_ids = tokenize_prompt(req, prompt_text, tok, engine.max_model_len)
     check_min_tokens(req.sampling, len(prompt_ids), engine.max_model_len)
-    top_k = req.sampling.top_k
-    sampling = dataclasses.replace(
+    sampling = engine_params(
         req.sampling,
-        top_k=None if top_k is not None and top_k >= tok.vocab_size else top_k,  # the whole vocabulary: off
+        vocab_size=tok.vocab_size,
         bad_words_ids=bad_words_ids(req.bad_words, tok),
         logprobs=engine_logprobs(req),
         prompt_logprobs=req.report.prompt_logprobs,
@@ -85,7 +85,7 @@ def _check_context(num_prompt: int, max_tokens: int | None, limit: int) -> None:
         )
 
 
-def check_min_tokens(sampling: SamplingParams, num_prompt: int, limit: int) -> None:
+def check_min_tokens(sampling: SamplingOptions | SamplingParams, num_prompt: int, limit: int) -> None:
     room = limit - num_prompt
     if sampling.min_tokens > room:
         raise InvalidRequest(
@@ -105,7 +105,7 @@ def check_priority(req: ChatRequest, policy: str) -> None:
         )
 
 
-def check_token_ids(sampling: SamplingParams, vocab_size: int) -> None:
+def check_token_ids(sampling: SamplingOptions, vocab_size: int) -> None:
     for name, ids in (
         ("logit_bias", [token_id for token_id, _ in sampling.logit_bias]),
         ("allowed_token_ids", list(sampling.allowed_token_ids or ())),

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from loom.engine import SamplingParams
+from loom.serving.sampling import SamplingOptions
 
 if TYPE_CHECKING:
     from loom.serving.structured import StructuredOutputSpec
@@ -78,7 +78,7 @@ class ReasoningOptions:
 class ChatRequest:
     request_id: str
     messages: tuple[ChatMessage, ...]
-    sampling: SamplingParams  # bad_words_ids still empty: serving tokenizes `bad_words`
+    sampling: SamplingOptions  # serving turns it into the engine's params (`sampling.engine_params`)
     n: int = 1
     template: TemplateOptions = field(default_factory=TemplateOptions)
     report: ReportOptions = field(default_factory=ReportOptions)

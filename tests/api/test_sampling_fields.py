@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from loom.api.convert import to_chat_request
 from loom.api.errors import UnprocessableEntityError
 from loom.api.protocol import ChatCompletionRequest, unsupported_fields
-from loom.engine.sampling_params import RepetitionDetection
+from loom.serving.sampling import Repetition
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -70,7 +70,7 @@ def test_the_converter_carries_every_field() -> None:
     s = chat.sampling
     assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, -1, 1.2)
     assert s.logit_bias == ((5, -100), (7, 2)) and s.allowed_token_ids == (1, 2)
-    assert s.repetition_detection == RepetitionDetection(4, 1, 3)
+    assert s.repetition_detection == Repetition(4, 1, 3)
     assert chat.bad_words == ("x",)
     r = chat.report
     assert (r.logprobs, r.top_logprobs, r.prompt_logprobs, r.tokens_as_ids, r.token_ids, r.echo) == (

@@ -11,6 +11,7 @@ from toy_engine import ToyTokenizer
 from loom.engine import RequestOutput, SamplingParams
 from loom.engine.logprobs import TokenLogprob
 from loom.serving.chat import ChatService
+from loom.serving.sampling import SamplingOptions
 from loom.serving.templates import TemplateRenderer
 from loom.serving.types import ChatMessage, ChatRequest, ReportOptions, SearchOptions
 
@@ -46,7 +47,7 @@ class ScriptedEngine:
 
 
 def request(**fields: object) -> ChatRequest:
-    return ChatRequest("r", (ChatMessage("user", "ab"),), SamplingParams(max_tokens=2), **fields)  # type: ignore[arg-type]
+    return ChatRequest("r", (ChatMessage("user", "ab"),), SamplingOptions(max_tokens=2), **fields)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ async def test_held_back_tokens_ride_with_the_next_piece(renderer: TemplateRende
 async def test_echo_comes_first_in_a_stream_and_in_front_of_the_text(renderer: TemplateRenderer) -> None:
     service = ChatService(ScriptedEngine(), "toy", renderer)  # type: ignore[arg-type]
     messages = (ChatMessage("user", "ab"), ChatMessage("assistant", "ca"))
-    req = ChatRequest("r", messages, SamplingParams(max_tokens=2), report=ReportOptions(echo=True))
+    req = ChatRequest("r", messages, SamplingOptions(max_tokens=2), report=ReportOptions(echo=True))
     deltas = [d async for d in service.stream(await service.prepare(req))]
     assert deltas[0].text == "ca" and deltas[0].token_ids == ()
     assert "".join(d.text for d in deltas) == "caab"

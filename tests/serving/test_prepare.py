@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 from toy_engine import PIECES, ToyEngine, ToyTokenizer
 
-from loom.engine import SamplingParams
 from loom.serving.prepare import PreparedChat, bad_words_ids, prepare
+from loom.serving.sampling import SamplingOptions
 from loom.serving.types import ChatMessage, ChatRequest, InvalidRequest, ReportOptions, SearchOptions
 
 USER = (ChatMessage("user", "abcabcabc"),)  # the toy template renders "<user>abcabcabc": 15 ids
@@ -22,7 +22,7 @@ def prepare_toy(req: ChatRequest, engine: ToyEngine) -> PreparedChat:
 
 
 def request(**fields: object) -> ChatRequest:
-    return ChatRequest("r", fields.pop("messages", USER), fields.pop("sampling", SamplingParams(max_tokens=4)), **fields)  # type: ignore[arg-type]
+    return ChatRequest("r", fields.pop("messages", USER), fields.pop("sampling", SamplingOptions(max_tokens=4)), **fields)  # type: ignore[arg-type]
 
 
 def test_truncate_prompt_tokens_keeps_the_last_k() -> None:
@@ -49,11 +49,11 @@ def test_priority_needs_the_priority_policy() -> None:
 @pytest.mark.parametrize(
     ("sampling", "param"),
     [
-        (SamplingParams(logit_bias=((5, 1.0),)), "logit_bias"),
-        (SamplingParams(allowed_token_ids=(0, 9)), "allowed_token_ids"),
+        (SamplingOptions(logit_bias=((5, 1.0),)), "logit_bias"),
+        (SamplingOptions(allowed_token_ids=(0, 9)), "allowed_token_ids"),
     ],
 )
-def test_token_ids_outside_the_vocabulary_are_422(sampling: SamplingParams, param: str) -> None:
+def test_token_ids_outside_the_vocabulary_are_422(sampling: SamplingOptions, param: str) -> None:
     with pytest.raises(InvalidRequest) as err:
         prepare_toy(request(sampling=sampling), ToyEngine())  # type: ignore[arg-type]
     assert (err.value.param, err.value.status_code) == (param, 422)
@@ -69,7 +69,7 @@ def test_bad_words_are_banned_alone_and_after_a_space() -> None:
 
 def test_each_candidate_gets_its_own_seed_and_prompt_logprobs_come_once() -> None:
     req = request(
-        sampling=SamplingParams(max_tokens=4, seed=2**63 - 1), n=2, search=SearchOptions(best_of=3),
+        sampling=SamplingOptions(max_tokens=4, seed=2**63 - 1), n=2, search=SearchOptions(best_of=3),
         report=ReportOptions(prompt_logprobs=2),
     )  # fmt: skip
     params = prepare_toy(req, ToyEngine()).candidate_params()  # type: ignore[arg-type]
