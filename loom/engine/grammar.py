@@ -145,22 +145,31 @@ def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-_BIT_SHIFTS = torch.arange(32, dtype=torch.int32)
+# byte value -> its 8 bits as additive logits: 0 where the bit is set (allowed), -inf where clear
+_BYTE_BIAS = torch.where(
+    ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool(), 0.0, float("-inf")
+)  # [256, 8] float32
 
 
 def apply_grammar_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
     """Sets to -inf, in place, every token of `logits[rows]` whose bit in `bitmask` is clear.
 
-    `logits` is `[R, vocab]`, `rows` `[G]`, `bitmask` `[G, words]` int32 (bit t of row g: token t
-    allowed on row rows[g]). Tokens beyond the bitmask's 32 * words are not allowed; bits beyond
-    the logits' vocabulary are ignored.
+    `logits` is `[R, vocab]` float32, `rows` `[G]`, `bitmask` `[G, words]` int32 (bit t of row g:
+    token t allowed on row rows[g]). Tokens beyond the bitmask's 32 * words are not allowed; bits
+    beyond the logits' vocabulary are ignored. The bits become an additive bias (0 or -inf) by
+    one table lookup per byte (little-endian: byte b of a word holds its bits 8b..8b+7), several
+    times faster on a CPU than unpacking bits and a masked fill.
     """
-    vocab = logits.shape[1]
-    allowed = ((bitmask.unsqueeze(-1) >> _BIT_SHIFTS) & 1).bool().reshape(bitmask.shape[0], -1)  # [G, 32*words]
-    if allowed.shape[1] >= vocab:
-        allowed = allowed[:, :vocab]
+    num_rows, vocab = logits.shape
+    num_grammar = bitmask.shape[0]
+    bytes_ = bitmask.contiguous().view(torch.uint8).reshape(-1).long()  # [G * 4 * words]
+    bias = _BYTE_BIAS.index_select(0, bytes_).view(num_grammar, -1).to(logits.dtype)  # [G, 32 * words]
+    if bias.shape[1] >= vocab:
+        bias = bias[:, :vocab]
     else:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    sub = logits.index_select(0, rows)  # [G, vocab]
-    sub.masked_fill_(~allowed, float("-inf"))
-    logits.index_copy_(0, rows, sub)
+        bias = torch.nn.functional.pad(bias, (0, vocab - bias.shape[1]), value=float("-inf"))
+    if num_grammar == num_rows:  # build() lists grammar rows in order: all of them is the identity
+        logits.add_(bias)
+        return
+    for g, row in enumerate(rows.tolist()):  # in place, row by row: a gather and scatter costs more
+        logits[row].add_(bias[g])

@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import llguidance
 import llguidance.hf
 import torch
+from llguidance import GrammarFormat
 
 from loom.engine.grammar import GrammarError, GrammarSource, bitmask_words
 from loom.engine.structural_tag import structural_tag_to_lark
 from loom.tokenizer import Tokenizer
 
+_FORMATS: dict[str, GrammarFormat] = {"regex": "regex", "choice": "choice", "grammar": "grammar"}  # Lark or GBNF
 _MAX_ERROR_CHARS = 400  # llguidance quotes the grammar in its errors; keep a 4xx message short
 _LIMITS = dict(verbose_errors=False)
 
@@ -99,7 +101,7 @@ def _to_llguidance(source: GrammarSource) -> str:
             return json_schema_grammar(schema, source)
         if source.kind == "structural_tag":
             return structural_tag_to_lark(json.loads(source.text), lambda schema: json_schema_grammar(schema, source))
-        return str(llguidance.grammar_from(source.kind, source.text))
+        return str(llguidance.grammar_from(_FORMATS[source.kind], source.text))
     except (ValueError, TypeError, KeyError) as exc:  # json.JSONDecodeError is a ValueError
         raise GrammarError(f"invalid {source.kind} constraint: {_short(str(exc))}") from exc
 
@@ -112,7 +114,7 @@ def json_schema_grammar(schema: Any, source: GrammarSource) -> str:
     options: dict[str, Any] = {"whitespace_flexible": not source.compact_whitespace}
     if source.whitespace_pattern is not None:
         options = {"whitespace_flexible": True, "whitespace_pattern": source.whitespace_pattern}
-    return str(llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=options))
+    return str(llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=cast(Any, options)))
 
 
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")

@@ -47,8 +47,8 @@ def apply_logits_processors(logits: torch.Tensor, batch: SamplingBatch) -> None:
         logits[batch.banned.rows, batch.banned.cols] = _NEG_INF
     if batch.penalties is not None:
         _apply_penalties(logits, batch)
-    if batch.bias is not None and batch.bias.values is not None:
-        bias = batch.bias
+    bias = batch.bias
+    if bias is not None and bias.values is not None:
         logits.index_put_((bias.rows, bias.cols), bias.values.to(logits.dtype), accumulate=True)
     if batch.allowed is not None:
         _apply_allowed(logits, batch)

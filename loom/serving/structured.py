@@ -34,8 +34,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import re._constants as sre
-import re._parser as sre_parse
+import re._constants as sre  # type: ignore[import-not-found]  # Python's own regex parser: no stubs
+import re._parser as sre_parse  # type: ignore[import-not-found]
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
