@@ -15,7 +15,8 @@ import json
 from typing import Any
 
 from loom.api.errors import UnprocessableEntityError
-from loom.api.protocol import SamplingFields, StructuralTagResponseFormat
+from loom.api.protocol import SamplingFields
+from loom.api.protocol_structured import StructuralTagResponseFormat
 from loom.engine.grammar import GrammarKind
 from loom.serving.structured import StructuredOutputSpec
 
