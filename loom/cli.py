@@ -175,7 +175,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def bench(argv: Sequence[str]) -> int:
-    from bench.serve_bench import main as bench_main
+    from loom.bench.serve_bench import main as bench_main
 
     return bench_main(list(argv))
 
@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loom", description="Loom: a self-hostable OpenAI-compatible LLM server.")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    sub.add_parser("bench", help="benchmark the server against Hugging Face transformers (see `loom bench --help`)")
+    sub.add_parser("bench", help="benchmark a server against Hugging Face transformers, or soak it (see `loom bench --help`)")
     for name, help_text in _ADMIN_COMMANDS.items():
         sub.add_parser(name, help=help_text)
     args = parser.parse_args(argv)

@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup-venv.sh test
 . .venv/bin/activate
-ruff check loom tests bench
+ruff check loom tests
 lint-imports
 python -m pytest "$@"

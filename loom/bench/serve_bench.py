@@ -1,52 +1,40 @@
 """One-shot serving benchmark: Loom's streaming chat endpoint against HF `generate`, same GGUF.
 
-Owns the Loom half (start `loom.cli serve` or use `--url`, fire C concurrent streaming requests per
-concurrency level, read OpenAI SSE), the side-by-side table and the JSON report. The HF half lives
-in `hf_baseline` and runs only after the server is stopped: never both at once on a small machine.
-This is a script, not a test: it asserts nothing and prints numbers.
+Owns the command line of `loom bench`, the Loom half (start `loom.cli serve` or use `--url`, fire
+C concurrent streaming requests per concurrency level, read OpenAI SSE), the side-by-side table
+and the JSON report. The HF half lives in `hf_baseline` and runs only after the server is
+stopped: never both at once on a small machine. `--soak MINUTES` runs `soak` instead. A tool,
+not a test: it asserts nothing and prints numbers.
 
-    python bench/serve_bench.py --concurrency 1,8,32
+    loom bench --concurrency 1,8,32
+    python -m loom.bench --soak 30 --server-arg='--threads 2'
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.util
 import json
 import os
 import platform
-import shlex
-import signal
-import socket
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from subprocess import STDOUT, Popen, TimeoutExpired
 from typing import Any
 
 import httpx
 
-if __package__:
-    from . import extras, hf_baseline
-else:  # run as a script: bench/ itself is sys.path[0]
-    import extras  # type: ignore[no-redef]
-    import hf_baseline  # type: ignore[no-redef]
+from loom.bench import extras, hf_baseline, soak
+from loom.bench.server import LoomBenchError, free_port, server_command, start_server, stop_server, wait_for_health
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-RESULTS_DIR = BENCH_DIR / "results"
+RESULTS_DIR = Path("loom-bench-results")  # under the working directory: an installed package is read-only
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HF_DTYPES = ("bfloat16", "float16", "float32")
 SERVER_ARG_HELP = "extra `loom serve` args, shell-split (repeatable): --server-arg='--flag value'"
 TABLE_HEADER = ("concurrency", "loom tok/s", "hf tok/s", "ratio (loom/hf)", "loom TTFT ms", "loom ITL ms")
-
-
-class LoomBenchError(RuntimeError):
-    """The Loom half could not produce numbers (server died, bad response, timeout)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +77,11 @@ def parse_levels(text: str) -> list[int]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="loom bench", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--model", default=default_model_path(), help="GGUF file for both sides")
-    parser.add_argument("--dtype", default="bfloat16", help="Loom server --dtype")
+    parser.add_argument("--dtype", default="auto", help="Loom server --dtype (auto: bf16 where the CPU runs it)")
     parser.add_argument("--hf-dtype", default="bfloat16", choices=HF_DTYPES)
     parser.add_argument("--hf-threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--concurrency", type=parse_levels, default=[1, 8, 32], help="comma-separated levels")
@@ -104,68 +94,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--server-arg", action="append", default=[], help=SERVER_ARG_HELP)
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds for /health")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
-    return parser.parse_args(argv)
-
-
-# --- the Loom server process -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server(args: argparse.Namespace, port: int, log_path: Path) -> Popen[bytes]:
-    extra = [token for value in args.server_arg for token in shlex.split(value)]
-    cmd = [sys.executable, "-m", "loom.cli", "serve", "--model", args.model]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype, *extra]
-    log(f"loom: starting {shlex.join(cmd)} (log: {log_path})")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with log_path.open("wb") as log_file:
-        # A session of its own, so stop_server can reap any engine processes the server forks.
-        return Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=STDOUT, start_new_session=True)
-
-
-def log_tail(log_path: Path, num_lines: int = 30) -> str:
-    lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
-    return "\n".join(lines[-num_lines:])
-
-
-def wait_for_health(url: str, proc: Popen[bytes], timeout_s: float, log_path: Path) -> None:
-    """Poll `/health` until 200, failing early with the server log's tail if the process dies."""
-    start = time.monotonic()
-    next_report = start + 5.0
-    while True:
-        if proc.poll() is not None:
-            raise LoomBenchError(f"server exited with {proc.returncode}:\n{log_tail(log_path)}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                log(f"loom: healthy after {time.monotonic() - start:.1f}s")
-                return
-        except httpx.TransportError:
-            pass  # not listening yet
-        now = time.monotonic()
-        if now - start > timeout_s:
-            raise LoomBenchError(f"no healthy /health after {timeout_s:.0f}s:\n{log_tail(log_path)}")
-        if now >= next_report:
-            log(f"loom: waiting for {url}/health ({now - start:.0f}s)")
-            next_report = now + 5.0
-        time.sleep(0.5)
-
-
-def stop_server(proc: Popen[bytes]) -> None:
-    log("loom: stopping server")
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    # Leftover children would steal cores from the HF half; the process group is ours alone.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    log(f"loom: server stopped (exit {proc.returncode})")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON and server log go")
+    soak.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.server_pid is not None and args.url is None:
+        parser.error("--server-pid names the process behind --url; without --url the bench starts the server itself")
+    return args
 
 
 # --- the streaming client ----------------------------------------------------------------------
@@ -294,14 +228,14 @@ def run_loom(args: argparse.Namespace, prompt: str, stamp: str) -> LoomRun:
     if args.url:
         return measure(args.url.rstrip("/"))
     port = free_port()
-    log_path = RESULTS_DIR / f"{stamp}-loom-server.log"
-    proc = start_server(args, port, log_path)
+    log_path = args.results_dir / f"{stamp}-loom-server.log"
+    proc = start_server(server_command(args.model, args.dtype, port, args.server_arg), log_path, log)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for_health(url, proc, args.startup_timeout, log_path)
+        wait_for_health(url, proc, args.startup_timeout, log_path, log)
         return measure(url)
     finally:
-        stop_server(proc)
+        stop_server(proc, log)
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -412,7 +346,9 @@ def report(run: BenchRun, args: argparse.Namespace, prompt: str, path: Path) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    if args.soak is not None:
+        return soak.run_soak_command(args, stamp)
     # Only a local GGUF has a tokenizer to cut the prompt with; a remote --url may serve anything.
     tokenizer = hf_baseline.load_tokenizer(args.model) if Path(args.model).is_file() else None
     prompt = hf_baseline.build_prompt(args.prompt_tokens, tokenizer)
@@ -421,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loom_phase(args, prompt, stamp, run)
     if not args.skip_hf:
         hf_phase(args, tokenizer, prompt, run)
-    report(run, args, prompt, RESULTS_DIR / f"{stamp}.json")
+    report(run, args, prompt, args.results_dir / f"{stamp}.json")
     return 1 if run.errors else 0
 
 
