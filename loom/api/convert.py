@@ -71,7 +71,9 @@ def to_chat_request(req: ChatCompletionRequest, header_request_id: str | None = 
         user=req.user,
         structured=structured_spec(req),
         tools=tools,
-        reasoning=ReasoningOptions(include=_include_reasoning(req), effort=req.reasoning_effort),
+        reasoning=ReasoningOptions(
+            include=_include_reasoning(req), effort=req.reasoning_effort, budget=req.thinking_token_budget
+        ),
         documents=tuple(req.documents or ()),
     )
 

@@ -246,6 +246,7 @@ class ChatCompletionRequest(SamplingFields):
     )
     include_reasoning: bool = True
     reasoning_content: bool | None = False  # spec 001: "enable reasoning content in response"
+    thinking_token_budget: int | None = Field(default=None, ge=0, le=_INT32_MAX)  # vLLM's; else the effort's
 
     # -- prompt rendering
     add_generation_prompt: bool = True
@@ -329,7 +330,7 @@ HONORED_FIELDS: frozenset[str] = frozenset(
         "truncate_prompt_tokens", "priority", "cache_salt", "repetition_detection",
         "kv_transfer_params", "vllm_xargs",
         "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
-        "reasoning_effort", "include_reasoning", "reasoning_content", "documents",
+        "reasoning_effort", "include_reasoning", "reasoning_content", "documents", "thinking_token_budget",
         "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
         "guided_decoding_backend", "guided_whitespace_pattern",
     }

@@ -31,8 +31,10 @@ from loom.serving.chat_prompt import ParserConfig, output_plan, render_chat_prom
 from loom.serving.choice_output import ChoiceOutput, Piece, collect
 from loom.serving.logprobs import LogprobFormatter, cumulative_logprob
 from loom.serving.prepare import PreparedChat, prepare
+from loom.serving.produced import Produced, PromptTally
 from loom.serving.structured import StructuredOutputCompiler, StructuredOutputSpec
 from loom.serving.templates import TemplateRenderer
+from loom.serving.thinking import reasoning_phases, thinking_budget
 from loom.serving.types import (
     ChatRequest,
     ChatResult,
@@ -95,8 +97,13 @@ class ChatService:
         plan = output_plan(req, self.parsers)
         sampling = prep.sampling
         constraint = _constraint(req)
-        if constraint is not None:  # compiled off the loop within its budget; a bad one is a 422 here
-            sampling = dataclasses.replace(sampling, grammar=await self.structured.compile(constraint))
+        # compiled off the loop within its budget; a bad one is a 422 here
+        grammar = await self.structured.compile(constraint) if constraint is not None else None
+        if self.parsers.reasoning_parser is not None:  # thinking stays free; the budget closes it
+            budget = thinking_budget(req.reasoning.effort, req.reasoning.budget)
+            grammar = reasoning_phases(self.parsers.reasoning_parser, text, tok, budget, grammar) or grammar
+        if grammar is not None:
+            sampling = dataclasses.replace(sampling, grammar=grammar)
         if sampling.skip_special_tokens and _spells_special_tokens(ChoiceOutput(plan).markers, tok):
             sampling = dataclasses.replace(sampling, skip_special_tokens=False)  # the parser must see them
         return dataclasses.replace(prep, sampling=sampling, output=plan, prompt_text=text)
@@ -104,18 +111,22 @@ class ChatService:
     def _formatter(self, prep: PreparedChat) -> LogprobFormatter:
         return LogprobFormatter(self.engine.tokenizer, prep.req.report.tokens_as_ids)
 
-    def _streams(self, prep: PreparedChat) -> list[AsyncIterator[RequestOutput]]:
+    def _streams(self, prep: PreparedChat, tally: PromptTally | None = None) -> list[AsyncIterator[RequestOutput]]:
         req = prep.req
         nonce = uuid.uuid4().hex[:8]  # engine ids are unique even when clients reuse a request_id
-        return [
+        streams = [
             self.engine.generate(f"{req.request_id}-{i}-{nonce}", prep.prompt_ids, p, req.priority, req.cache_salt)
             for i, p in enumerate(prep.candidate_params())
         ]
+        return streams if tally is None else [tally.observe(s) for s in streams]
 
-    async def complete(self, prep: PreparedChat) -> ChatResult:
+    async def complete(self, prep: PreparedChat, produced: Produced | None = None) -> ChatResult:
+        """`produced` (optional) counts the engine's outputs as they come: a caller that cancels
+        this call still knows what was made."""
+        tally = produced.prompt(len(prep.prompt_ids)) if produced is not None else None
         if prep.req.search.beam_search:
-            return await self._beam_search(prep)
-        runs = await asyncio.gather(*(_collect(s) for s in self._streams(prep)))
+            return await self._beam_search(prep, tally)
+        runs = await asyncio.gather(*(_collect(s) for s in self._streams(prep, tally)))
         return self._sampled_result(prep, list(runs))
 
     def _sampled_result(self, prep: PreparedChat, runs: list[_Run]) -> ChatResult:
@@ -143,7 +154,7 @@ class ChatService:
             return None
         return fmt.prompt(_required(records))
 
-    async def _beam_search(self, prep: PreparedChat) -> ChatResult:
+    async def _beam_search(self, prep: PreparedChat, tally: PromptTally | None = None) -> ChatResult:
         req, fmt = prep.req, self._formatter(prep)
         spec = BeamSearchSpec(
             req_id=req.request_id,
@@ -156,7 +167,12 @@ class ChatService:
             priority=req.priority,
             cache_salt=req.cache_salt,
         )
-        found = await BeamSearch(self.engine, spec).run()
+        search = BeamSearch(self.engine, spec)
+        try:
+            found = await search.run()
+        finally:
+            if tally is not None:
+                tally.searched(*search.produced)
         choices = tuple(
             _parsed_result(
                 prep,
@@ -172,10 +188,10 @@ class ChatService:
         prompt_logprobs = self._prompt_logprobs(prep, fmt, found.prompt_logprobs)
         return ChatResult(req.request_id, int(time.time()), choices, usage, prep.prompt_ids, prompt_logprobs)
 
-    async def stream(self, prep: PreparedChat) -> AsyncIterator[ChoiceDelta]:
+    async def stream(self, prep: PreparedChat, produced: Produced | None = None) -> AsyncIterator[ChoiceDelta]:
         """Yields deltas of all choices as they come; closing it aborts every unfinished sequence."""
         if prep.req.search.beam_search or prep.req.num_candidates > prep.req.n:
-            result = await self.complete(prep)
+            result = await self.complete(prep, produced)
             for choice in result.choices:
                 yield ChoiceDelta(
                     choice.index, choice.text, choice.token_ids, choice.finish_reason, choice.stop_reason,
@@ -183,10 +199,10 @@ class ChatService:
                     choice.reasoning or "", _whole_calls(choice.tool_calls),
                 )  # fmt: skip
             return
-        async for delta in self._stream_sampled(prep):
+        async for delta in self._stream_sampled(prep, produced):
             yield delta
 
-    async def _stream_sampled(self, prep: PreparedChat) -> AsyncIterator[ChoiceDelta]:
+    async def _stream_sampled(self, prep: PreparedChat, produced: Produced | None) -> AsyncIterator[ChoiceDelta]:
         req, fmt = prep.req, self._formatter(prep)
         merger = _DeltaMerger(prep, fmt)
         for index in range(req.n):
@@ -194,7 +210,8 @@ class ChatService:
                 yield ChoiceDelta(index, prep.echo, (), None, None, merger.usage(), () if req.report.logprobs else None)
         outputs = None if prep.output.is_plain else [ChoiceOutput(prep.output, prep.prompt_text) for _ in range(req.n)]
         queue: asyncio.Queue[_Item] = asyncio.Queue()
-        tasks = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(self._streams(prep))]
+        tally = produced.prompt(len(prep.prompt_ids)) if produced is not None else None
+        tasks = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(self._streams(prep, tally))]
         try:
             for _ in range(len(tasks)):
                 while (item := await queue.get()) is not None:

@@ -35,11 +35,10 @@ class ParserConfig:
 
 
 def output_plan(req: ChatRequest, parsers: ParserConfig) -> OutputPlan:
-    forced = req.tools is not None and req.tools.forced
     return OutputPlan(
         tools=req.tools,
         tool_parser=parsers.tool_parser if req.tools is not None else None,
-        reasoning_parser=None if forced else parsers.reasoning_parser,
+        reasoning_parser=parsers.reasoning_parser,
         include_reasoning=req.reasoning.include,
     )
 

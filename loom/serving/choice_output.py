@@ -58,28 +58,51 @@ class ChoiceOutput:
         if tools is None or tools.mode == "auto":
             tool_parser = self.plan.tool_parser if tools is not None else None
             self._parser = make_choice_parser(tool_parser, self.plan.reasoning_parser, prompt_text=self.prompt_text)
+        elif self.plan.reasoning_parser is not None:  # a forced call is read in the answer, after the thinking
+            self._parser = make_choice_parser(None, self.plan.reasoning_parser, prompt_text=self.prompt_text)
 
     @property
     def markers(self) -> tuple[str, ...]:
         return self._parser.markers if self._parser is not None else ()
 
+    @property
+    def _forced(self) -> bool:
+        return self.plan.tools is not None and self.plan.tools.forced
+
     def feed(self, text: str) -> Piece:
-        if self._parser is not None:
-            parsed = self._parser.feed(text)
-            return self._piece(parsed.content, parsed.reasoning, parsed.tool_calls)
+        if self._parser is None:
+            return self._forced_feed(text)
+        parsed = self._parser.feed(text)
+        if self._forced:
+            return self._with_reasoning(self._forced_feed(parsed.content), parsed.reasoning)
+        return self._piece(parsed.content, parsed.reasoning, parsed.tool_calls)
+
+    def finish(self) -> Piece:
+        if self._parser is None:
+            return self._forced_finish()
+        parsed = self._parser.finish()
+        if self._forced:
+            piece = self._forced_feed(parsed.content)
+            tail = self._forced_finish()
+            merged = Piece(piece.content + tail.content, "", piece.tool_calls + tail.tool_calls)
+            return self._with_reasoning(merged, parsed.reasoning)
+        return self._piece(parsed.content, parsed.reasoning, parsed.tool_calls)
+
+    def _with_reasoning(self, piece: Piece, reasoning: str) -> Piece:
+        return Piece(piece.content, reasoning if self.plan.include_reasoning else "", piece.tool_calls)
+
+    def _forced_feed(self, text: str) -> Piece:
         tools = self.plan.tools
         assert tools is not None
         if tools.mode == "named" and text:
             first = not self.made_call
             self.made_call = True
             return Piece(tool_calls=(ToolCallChunk(0, call_id() if first else None, tools.named if first else None, text),))
-        self._buffer.append(text)  # required: the array is read whole at the end
+        if tools.mode == "required":
+            self._buffer.append(text)  # the array is read whole at the end
         return Piece()
 
-    def finish(self) -> Piece:
-        if self._parser is not None:
-            parsed = self._parser.finish()
-            return self._piece(parsed.content, parsed.reasoning, parsed.tool_calls)
+    def _forced_finish(self) -> Piece:
         tools = self.plan.tools
         assert tools is not None
         if tools.mode == "named":

@@ -72,6 +72,7 @@ class SearchOptions:
 class ReasoningOptions:
     include: bool = True  # reasoning_content / reasoning appear in the answer
     effort: str | None = None  # reasoning_effort, for templates that read it
+    budget: int | None = None  # thinking_token_budget as sent (None: the effort's, see `thinking`)
 
 
 @dataclass(frozen=True, slots=True)

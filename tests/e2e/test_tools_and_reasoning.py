@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import httpx
+import jsonschema
 import openai
 import pytest
 from wire import MODEL, complete, stream, streamed_choices
@@ -90,3 +92,29 @@ def test_auto_tool_answers_never_leak_markup(client: openai.OpenAI) -> None:
         assert isinstance(json.loads(call.function.arguments), dict)
     if choice.message.tool_calls:
         assert choice.finish_reason == "tool_calls"
+
+
+def test_a_thinking_budget_closes_the_block_and_the_answer_follows(base_url: str) -> None:
+    fields = {**PREFILL, "max_tokens": 24, "thinking_token_budget": 3, "ignore_eos": True}
+    message = complete(base_url, THINKING, **fields)["choices"][0]["message"]
+    assert message["reasoning_content"] and message["content"]
+    think_ids = post_tokenize(base_url, message["reasoning_content"])
+    assert len(think_ids) <= 3
+
+
+def test_a_constraint_applies_to_the_answer_after_the_thinking(base_url: str) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    fields = {
+        **PREFILL, "max_tokens": 64, "thinking_token_budget": 4,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    }  # fmt: skip
+    choice = complete(base_url, THINKING, **fields)["choices"][0]
+    assert choice["message"]["reasoning_content"]
+    assert choice["finish_reason"] == "stop"  # the grammar completed the object
+    jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+
+
+def post_tokenize(base_url: str, text: str) -> list[int]:
+    resp = httpx.post(f"{base_url}/tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=60)
+    assert resp.status_code == 200
+    return resp.json()["tokens"]  # type: ignore[no-any-return]
