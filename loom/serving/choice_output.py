@@ -17,7 +17,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
-from loom.parsers import ChoiceParser, make_choice_parser
+from loom.parsers import ChoiceParser, ToolCallDelta, make_choice_parser
 from loom.serving.tools import ToolOptions
 from loom.serving.types import ToolCallChunk, ToolCallResult
 
@@ -120,7 +120,7 @@ class ChoiceOutput:
             return "tool_calls"
         return engine_reason
 
-    def _piece(self, content: str, reasoning: str, calls: tuple) -> Piece:  # type: ignore[type-arg]
+    def _piece(self, content: str, reasoning: str, calls: tuple[ToolCallDelta, ...]) -> Piece:
         tools = self.plan.tools
         chunks = tuple(ToolCallChunk(c.index, c.id, c.name, c.arguments_delta) for c in calls)
         if tools is not None and not tools.parallel:
