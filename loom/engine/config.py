@@ -22,6 +22,7 @@ class EngineConfig:
     num_threads: int | None = None  # None = every core
     scheduling_policy: str = "fcfs"  # "fcfs" | "priority" (lower `priority` value served first)
     enable_prefix_caching: bool = True  # share full KV blocks across requests by content hash
+    grammar_fast_forward: bool = True  # append the tokens a grammar forces without sampling each one
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -14,6 +14,13 @@ Containment: work done for one request that raises ends that request alone, with
 A failed model forward fails the requests of that step (their KV cache may be half written).
 The traceback is logged here; the request's output says only that it failed.
 
+Fast-forward (`fast_forward`, on by default): after a grammar accepts the sampled token, the
+tokens it forces next (fixed keys, punctuation, the rest of the one remaining choice) are accepted
+and appended too, so the next step computes them as one chunk, the way a prompt is, and samples
+after the last one: k forced tokens cost one forward pass instead of k. Forced tokens stop before
+an EOS or stop token id and within max_tokens and the context; requests that report logprobs
+are not fast-forwarded (a forced token has no distribution of its own until it is computed).
+
 Logprobs ride along: the sampler returns one `TokenLogprob` per row that asked, `update` puts it
 on that request's `CoreOutput`; prompt logprobs are collected by the runner on the `Request` and
 leave with its first `CoreOutput`.
@@ -37,12 +44,16 @@ log = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, scheduler: Scheduler, runner: ModelRunner, eos_token_id: int | None) -> None:
+    def __init__(
+        self, scheduler: Scheduler, runner: ModelRunner, eos_token_id: int | None, fast_forward: bool = True
+    ) -> None:
         self.scheduler = scheduler
         self.runner = runner
         self.sampler = Sampler()
         self.eos_token_id = eos_token_id
         self.vocab_size = runner.model.config.vocab_size
+        self.fast_forward = fast_forward
+        self.num_forced_tokens = 0  # appended by fast-forward since start, for metrics and the benchmark
         self._failed: list[CoreOutput] = []  # requests failed since the last step returned
 
     @property
@@ -78,8 +89,8 @@ class EngineCore:
             return self._take_failed()
         masks = self._grammar_masks(reqs)
         sampled, logprobs = self._sample(logits, reqs, masks)
-        complete = self._advance_grammars(reqs, sampled)
-        outputs = self.scheduler.update(sched, sampled, logprobs, complete)
+        complete, forced = self._advance_grammars(reqs, sampled)
+        outputs = self.scheduler.update(sched, sampled, logprobs, complete, forced)
         return self._take_failed() + outputs
 
     def _grammar_masks(self, reqs: list[Request]) -> list[torch.Tensor | None]:
@@ -141,9 +152,14 @@ class EngineCore:
             self._fail(req, "sampling")
             return None, None
 
-    def _advance_grammars(self, reqs: list[Request], sampled: dict[str, int]) -> frozenset[str]:
-        """Each grammar accepts its request's token; returns the requests whose grammar is now complete."""
-        complete = set()
+    def _advance_grammars(
+        self, reqs: list[Request], sampled: dict[str, int]
+    ) -> tuple[frozenset[str], dict[str, tuple[int, ...]]]:
+        """Each grammar accepts its request's token, then the tokens it forces (fast-forward).
+
+        Returns the requests whose grammar is now complete, and each request's forced tokens."""
+        complete: set[str] = set()
+        forced: dict[str, tuple[int, ...]] = {}
         for req in reqs:
             token = sampled.get(req.req_id)
             if req.grammar is None or token is None or req.status.finished:
@@ -151,11 +167,36 @@ class EngineCore:
             try:
                 if not req.grammar.accept_tokens([token]):
                     raise ValueError(f"the grammar refused the sampled token {token}")
+                extra = self._forced_tokens(req, token)
+                if extra:
+                    if not req.grammar.accept_tokens(list(extra)):
+                        raise ValueError("the grammar refused the tokens it forced")
+                    forced[req.req_id] = extra
+                    self.num_forced_tokens += len(extra)
                 if req.grammar.is_terminated():
                     complete.add(req.req_id)
             except Exception:
                 self._fail(req, "advancing its grammar")
-        return frozenset(complete)
+        return frozenset(complete), forced
+
+    def _forced_tokens(self, req: Request, token: int) -> tuple[int, ...]:
+        """What fast-forward appends after `token`: the grammar's forced tokens, cut to the room left
+        (max_tokens, the context) and before any EOS or stop token id (those end requests when
+        sampled). None for requests that report logprobs: forced tokens have no distribution yet."""
+        assert req.grammar is not None
+        if not self.fast_forward or req.params.logprobs is not None or req.grammar.is_terminated():
+            return ()
+        if token == req.eos_token_id or token in req.params.stop_token_ids:
+            return ()
+        room = self.scheduler.config.max_model_len - req.num_tokens - 1  # the token itself is appended too
+        if req.params.max_tokens is not None:
+            room = min(room, req.params.max_tokens - len(req.output_ids) - 1)
+        extra: list[int] = []
+        for t in req.grammar.forced_tokens()[: max(room, 0)]:
+            if t == req.eos_token_id or t in req.params.stop_token_ids:
+                break
+            extra.append(t)
+        return tuple(extra)
 
     def _fail(self, req: Request, doing: str) -> None:
         """Ends `req` alone with finish_reason "error"; logs why (with the traceback when there is one)."""

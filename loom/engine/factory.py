@@ -51,7 +51,7 @@ def build_engine(config: EngineConfig, progress: Callable[[int, int], None] | No
             config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.scheduling_policy
         )
         runner = ModelRunner(model, num_blocks, config.block_size, config.torch_dtype)
-        return EngineCore(Scheduler(sched_cfg, kv), runner, tokenizer.eos_token_id)
+        return EngineCore(Scheduler(sched_cfg, kv), runner, tokenizer.eos_token_id, config.grammar_fast_forward)
 
     engine = AsyncEngine(build_core, tokenizer)
     engine.start_core()

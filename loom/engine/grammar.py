@@ -4,7 +4,7 @@ Owns what the core needs from a constraint and nothing about any grammar languag
 - `Grammar`: one request's matcher state (and the width of its bitmask rows), with four verbs (vLLM's `StructuredOutputGrammar`):
   `accept_tokens` (advance over sampled tokens), `rollback` (undo the last n), `fill_bitmask`
   (which tokens may come next, one bit per token id), `is_terminated` (nothing but the end can
-  follow: the request is complete).
+  follow: the request is complete); and `forced_tokens` for fast-forward (see `core`).
 - `CompiledGrammar`: what a backend compiles once from a `GrammarSource` (cached and shared by
   every request that asks for the same constraint); `new_grammar()` gives each request its own
   state.
@@ -82,6 +82,11 @@ class Grammar(Protocol):
 
     def is_terminated(self) -> bool:
         """The constraint is complete and allows nothing more (only the end of the sequence)."""
+        ...
+
+    def forced_tokens(self) -> list[int]:
+        """Fast-forward: the tokens the constraint forces next (fixed keys, punctuation, the rest of
+        the one remaining choice), as the model's tokenizer writes them; [] when none or unknown."""
         ...
 
 

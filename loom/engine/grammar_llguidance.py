@@ -51,24 +51,26 @@ class LLGuidanceBackend:
         )
         if matcher.is_error():
             raise GrammarError(f"invalid {source.kind} constraint: {_short(matcher.get_error())}")
-        return CompiledLLGuidance(matcher, self.ll_tokenizer.vocab_size)
+        return CompiledLLGuidance(matcher, self.ll_tokenizer.vocab_size, bool(self.ll_tokenizer.is_canonical))
 
 
 class CompiledLLGuidance:
     backend = "llguidance"
 
-    def __init__(self, template: llguidance.LLMatcher, vocab_size: int) -> None:
+    def __init__(self, template: llguidance.LLMatcher, vocab_size: int, canonical: bool) -> None:
         self._template = template  # never advanced: each request advances its own copy
         self._words = bitmask_words(vocab_size)
+        self._canonical = canonical
 
     def new_grammar(self) -> LLGuidanceGrammar:
-        return LLGuidanceGrammar(self._template.deep_copy(), self._words)
+        return LLGuidanceGrammar(self._template.deep_copy(), self._words, self._canonical)
 
 
 class LLGuidanceGrammar:
-    def __init__(self, matcher: llguidance.LLMatcher, bitmask_words: int) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, bitmask_words: int, canonical: bool) -> None:
         self._matcher = matcher
         self.bitmask_words = bitmask_words
+        self._canonical = canonical
 
     def accept_tokens(self, token_ids: Sequence[int]) -> bool:
         return bool(self._matcher.consume_tokens(list(token_ids))) and not self._matcher.is_error()
@@ -87,6 +89,10 @@ class LLGuidanceGrammar:
         self._matcher.unsafe_compute_mask_ptr(target.data_ptr(), self.bitmask_words * 4)
         if self._matcher.is_error():  # a limit hit: its mask would allow only EOS, a false "stop"
             raise GrammarError(f"the constraint failed: {_short(self._matcher.get_error())}")
+
+    def forced_tokens(self) -> list[int]:
+        # llguidance computes forced tokens only for tokenizers whose tokenization is canonical
+        return list(self._matcher.compute_ff_tokens()) if self._canonical else []
 
     def is_terminated(self) -> bool:
         # is_stopped: nothing but EOS can follow (also true in the error state, which is no completion)

@@ -90,6 +90,7 @@ class Scheduler:
         self.waiting: list[Request] = []  # sorted by `_order`
         self.running: list[Request] = []  # sorted by `_order`
         self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0  # since start, for metrics
 
     @property
     def has_work(self) -> bool:
@@ -162,6 +163,7 @@ class Scheduler:
         """Frees the request's blocks; it recomputes prompt + output (past any still-cached prefix) when it runs again."""
         self.running.remove(req)
         self.kv.free(req)
+        self.num_preemptions += 1
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         bisect.insort(self.waiting, req, key=self._order)
@@ -172,11 +174,14 @@ class Scheduler:
         sampled: dict[str, int],
         logprobs: dict[str, TokenLogprob] | None = None,
         grammar_complete: frozenset[str] = frozenset(),
+        forced: dict[str, tuple[int, ...]] | None = None,
     ) -> list[CoreOutput]:
         """Advances computed counts, appends sampled tokens, applies stop conditions.
 
         `logprobs` holds the sampled token's record for the requests that asked for logprobs;
-        `grammar_complete` the requests whose grammar allows nothing after the token just sampled.
+        `grammar_complete` the requests whose grammar allows nothing after this step's tokens;
+        `forced` the tokens a grammar forces after the sampled one (fast-forward): they are
+        appended too, and the next step computes them as one chunk, the way a prompt is.
         Requests that finished while the step ran (aborted, failed) are skipped.
         """
         results = []
@@ -189,7 +194,13 @@ class Scheduler:
             if token is None:  # a prefill chunk that did not reach the end of the prompt
                 continue
             req.output_ids.append(token)
-            status = self._check_stop(req, token, req.req_id in grammar_complete)
+            extra = (forced or {}).get(req.req_id, ())
+            status = self._check_stop(req, token, req.req_id in grammar_complete and not extra)
+            if status is not None:  # ended by the sampled token itself (a repetition): nothing follows
+                extra = ()
+            elif extra:  # never EOS nor stop ids, and within max_tokens (see core)
+                req.output_ids.extend(extra)
+                status = self._check_stop(req, extra[-1], req.req_id in grammar_complete)
             if status is not None:
                 self.running.remove(req)
                 self.requests.pop(req.req_id, None)
@@ -197,14 +208,14 @@ class Scheduler:
             results.append(
                 CoreOutput(
                     req.req_id,
-                    (token,),
+                    (token, *extra),
                     req.status.finish_reason,
                     req.stop_reason,
                     req.num_prompt_tokens,
                     logprobs=(logprobs[req.req_id],) if logprobs and req.req_id in logprobs else None,
                     prompt_logprobs=req.take_prompt_logprobs(),
                     num_cached_tokens=req.num_cached_tokens,
-                    ended_by_token=status == RequestStatus.FINISHED_STOPPED and _is_stop_token(req, token),
+                    ended_by_token=status == RequestStatus.FINISHED_STOPPED and _is_stop_token(req, req.output_ids[-1]),
                 )
             )
         return results

@@ -137,6 +137,9 @@ class FailingGrammar:
     def is_terminated(self) -> bool:
         return False
 
+    def forced_tokens(self) -> list[int]:
+        return []
+
 
 @dataclasses.dataclass(frozen=True)
 class FailingCompiled:

@@ -201,3 +201,54 @@ def test_catastrophic_regexes_compile_quickly_and_stay_bounded(backend: LLGuidan
         grammar = compiled(backend, "regex", pattern).new_grammar()
         assert grammar.accept_tokens(tok.encode("aaaaaaaaaaaaaaaaaaaa"))
         assert time.perf_counter() - start < 2.0, pattern
+
+
+LONG_KEYS = {
+    "type": "object",
+    "properties": {
+        "customer_full_name": {"type": "string", "maxLength": 6},
+        "customer_loyalty_program_member": {"type": "boolean"},
+        "preferred_delivery_window": {"enum": ["morning", "evening"]},
+    },
+    "required": ["customer_full_name", "customer_loyalty_program_member", "preferred_delivery_window"],
+    "additionalProperties": False,
+}
+
+
+def test_fast_forward_appends_forced_tokens_in_fewer_steps(
+    model: LlamaModel, tok: HFTokenizer, backend: LLGuidanceBackend, prompt: tuple[int, ...]
+) -> None:
+    grammar = compiled(backend, "json", json.dumps(LONG_KEYS))
+    requests = {
+        f"r{i}": (prompt, SamplingParams(max_tokens=200, temperature=0.9, seed=i, grammar=grammar)) for i in range(3)
+    }
+    slow_core, fast_core = build_core(model, fast_forward=False), build_core(model)
+    slow, fast = run(slow_core, requests), run(fast_core, requests)
+    assert slow_core.num_forced_tokens == 0 and fast_core.num_forced_tokens > 3 * 60  # the keys, at least
+    for req_id in requests:
+        for result in (slow[req_id], fast[req_id]):
+            assert result.finish_reason == "stop"
+            jsonschema.validate(json.loads(text_of(tok, result)), LONG_KEYS)
+        assert fast[req_id].num_outputs < len(fast[req_id].token_ids) / 3  # most tokens arrived forced
+        assert slow[req_id].num_outputs == len(slow[req_id].token_ids)
+
+
+def test_fast_forward_keeps_seeded_requests_the_same_alone_or_batched(
+    model: LlamaModel, tok: HFTokenizer, backend: LLGuidanceBackend, prompt: tuple[int, ...]
+) -> None:
+    grammar = compiled(backend, "json", json.dumps(LONG_KEYS))
+    target = SamplingParams(max_tokens=200, temperature=1.0, seed=5, grammar=grammar)
+    alone = run(build_core(model), {"t": (prompt, target)})["t"].token_ids
+    others = {
+        f"o{i}": (prompt, SamplingParams(max_tokens=40, temperature=1.1, seed=9 + i, grammar=grammar)) for i in range(3)
+    }
+    assert run(build_core(model), {**others, "t": (prompt, target)})["t"].token_ids == alone
+
+
+def test_requests_reporting_logprobs_are_not_fast_forwarded(
+    model: LlamaModel, tok: HFTokenizer, backend: LLGuidanceBackend, prompt: tuple[int, ...]
+) -> None:
+    core = build_core(model)
+    grammar = compiled(backend, "json", json.dumps(LONG_KEYS))
+    result = run(core, {"r": (prompt, SamplingParams(max_tokens=200, temperature=0, logprobs=0, grammar=grammar))})["r"]
+    assert core.num_forced_tokens == 0 and result.num_outputs == len(result.token_ids)

@@ -41,12 +41,15 @@ def tiny_model(vocab_size: int = 257, seed: int = 0) -> LlamaModel:
     return model.eval()
 
 
-def build_core(model: LlamaModel, num_blocks: int = 128, max_num_batched_tokens: int = 256) -> EngineCore:
+def build_core(
+    model: LlamaModel, num_blocks: int = 128, max_num_batched_tokens: int = 256, fast_forward: bool = True
+) -> EngineCore:
     kv = KVCacheManager(num_blocks, BLOCK_SIZE)
     sched = Scheduler(
         SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=max_num_batched_tokens, max_model_len=512), kv
     )
-    return EngineCore(sched, ModelRunner(model, num_blocks, BLOCK_SIZE, torch.float32), eos_token_id=EOS)
+    runner = ModelRunner(model, num_blocks, BLOCK_SIZE, torch.float32)
+    return EngineCore(sched, runner, eos_token_id=EOS, fast_forward=fast_forward)
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Finished:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     finished_at_step: int | None = None
+    num_outputs: int = 0  # outputs received (one per step that produced tokens)
 
 
 def run(core: EngineCore, requests: dict[str, tuple[tuple[int, ...], SamplingParams]]) -> dict[str, Finished]:
@@ -67,6 +71,7 @@ def run(core: EngineCore, requests: dict[str, tuple[tuple[int, ...], SamplingPar
         for out in core.step():
             result = results[out.req_id]
             result.token_ids.extend(out.new_token_ids)
+            result.num_outputs += 1
             if out.finish_reason is not None:
                 result.finish_reason, result.finished_at_step = out.finish_reason, step
     return dict(results)
