@@ -22,6 +22,7 @@ class ServerConfig:
     trust_request_chat_template: bool = False
     tool_call_parser: str | None = None  # None: chosen by model family (hermes when unknown)
     reasoning_parser: str | None = None  # None: chosen by model family (none when unknown)
+    structured_outputs_backend: str = "llguidance"  # the grammar engine when a request names none
 
     def __post_init__(self) -> None:
         if not self.served_model_names:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from loom.engine import AsyncEngine, EngineError, RequestOutput
+from loom.engine.grammar import DEFAULT_BACKEND
 from loom.engine.logprobs import TokenLogprob
 from loom.serving.beam_search import BeamSearch, BeamSearchSpec, beam_logprobs, resolved_max_tokens
 from loom.serving.chat_prompt import ParserConfig, output_plan, render_chat_prompt
@@ -79,13 +80,18 @@ class _Run:
 
 class ChatService:
     def __init__(
-        self, engine: AsyncEngine, model_name: str, renderer: TemplateRenderer, parsers: ParserConfig | None = None
+        self,
+        engine: AsyncEngine,
+        model_name: str,
+        renderer: TemplateRenderer,
+        parsers: ParserConfig | None = None,
+        structured_backend: str = DEFAULT_BACKEND,
     ) -> None:
         self.engine = engine
         self.renderer = renderer
         self.model_name = model_name
         self.parsers = parsers or ParserConfig()
-        self.structured = StructuredOutputCompiler(engine.tokenizer)
+        self.structured = StructuredOutputCompiler(engine.tokenizer, default_backend=structured_backend)
 
     async def prepare(self, req: ChatRequest) -> PreparedChat:
         """Raises `InvalidRequest` for anything the model cannot honor, before any work starts.
