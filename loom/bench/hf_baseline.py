@@ -1,15 +1,17 @@
-"""The Hugging Face `transformers` peer for serve_bench: the same GGUF weights under `generate`.
+"""The Hugging Face `transformers` peer of `loom bench`: the same GGUF weights under `generate`.
 
-Owns the benchmark prompt (cut with the GGUF's own tokenizer, so both sides see the same text) and
-the HF timing loop. Never talks to a Loom server: serve_bench calls `run_hf` only after the server
-has stopped, because on a small machine the two would fight over the same cores.
+Owns the GGUF's tokenizer (the workload cuts its prompts with it, so every target sees the same
+text), the dequantized model and the timing loop: one `generate` per sweep level, the level's
+prompts as one left-padded batch, sampled as the HTTP targets are. Never talks to a server: the
+runner calls `run_hf` only when no server it started is running, because on a small machine the
+two would fight over the same cores.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import is_accelerate_available
 
-# Deterministic filler: plain prose, so the prompt tokenizes the same way on every run.
-_PARAGRAPH = (
-    "The river town wakes before dawn. Bakers light their ovens and the smell of warm bread "
-    "drifts over the water. Fishermen check their nets while gulls circle above the harbour. "
-    "By noon the market square is full of voices, carts, spices and bright striped awnings. "
-    "In the evening lanterns glow along the quay and the boats rock gently at their moorings. "
-)
-_WORDS_PER_TOKEN = 0.75  # only used when no tokenizer is at hand (a remote --url server)
+from loom.bench.stats import LoadAverage, read_loadavg
 
 Log = Callable[[str], None]
 
@@ -35,17 +30,20 @@ class HFSettings:
     model_path: str  # a .gguf file; transformers dequantizes it to a dense model
     dtype_name: str  # a torch dtype name: "bfloat16", "float32", ...
     num_threads: int
-    batch_sizes: tuple[int, ...]
     max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class HFResult:
     batch_size: int
-    prompt_tokens: int  # per sequence, chat template included
+    prompt_tokens: int  # summed over the batch, chat template included, padding not
     completion_tokens: int  # summed over the batch
     wall_s: float
     tokens_per_s: float
+    load_start: LoadAverage
+    load_end: LoadAverage
 
 
 def split_gguf_path(model_path: str) -> tuple[str, str]:
@@ -62,17 +60,6 @@ def load_tokenizer(model_path: str) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def build_prompt(num_tokens: int, tokenizer: Any | None) -> str:
-    """User-message text of about `num_tokens` tokens (before the chat template adds its own)."""
-    repeats = num_tokens // 10 + 1  # a paragraph is well over 10 tokens, so this always suffices
-    text = _PARAGRAPH * repeats
-    if tokenizer is None:
-        words = text.split()[: max(1, round(num_tokens * _WORDS_PER_TOKEN))]
-        return " ".join(words)
-    ids = tokenizer.encode(text, add_special_tokens=False)[:num_tokens]
-    return str(tokenizer.decode(ids)).strip()
 
 
 def load_model(model_path: str, dtype: torch.dtype) -> Any:
@@ -117,51 +104,62 @@ def weight_layout(model: Any) -> str:
     return f"packed GGUF in {len(packed)} modules" if packed else f"dense {'/'.join(dtypes)}"
 
 
-def chat_inputs(tokenizer: Any, prompt: str, batch_size: int) -> dict[str, torch.Tensor]:
-    messages = [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def chat_inputs(tokenizer: Any, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
     # The template already wrote the special tokens; adding them again would shift the prompt.
-    return dict(tokenizer([text] * batch_size, return_tensors="pt", padding=True, add_special_tokens=False))
+    return dict(tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
 
 
 def time_generate(
-    model: Any, inputs: dict[str, torch.Tensor], max_new_tokens: int, pad_token_id: int
+    model: Any, inputs: dict[str, torch.Tensor], settings: HFSettings, max_new_tokens: int, pad_token_id: int
 ) -> tuple[float, int]:
-    """Wall seconds and generated tokens (summed over the batch) for one greedy `generate`."""
+    """Wall seconds and generated tokens (summed over the batch) for one `generate`."""
+    sampling: dict[str, Any] = {"do_sample": settings.temperature > 0}
+    if settings.temperature > 0:
+        sampling |= {"temperature": settings.temperature, "top_p": settings.top_p or 1.0, "top_k": 0}
     start = time.perf_counter()
     with torch.inference_mode():
         output_ids = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,  # the peer of Loom's ignore_eos
-            do_sample=False,
+            min_new_tokens=max_new_tokens,  # the peer of the HTTP targets' ignore_eos
             pad_token_id=pad_token_id,
+            **sampling,
         )  # [batch, prompt_len + new_len]
     wall_s = time.perf_counter() - start
     num_new = (output_ids.shape[1] - inputs["input_ids"].shape[1]) * output_ids.shape[0]
     return wall_s, int(num_new)
 
 
-def run_hf(settings: HFSettings, tokenizer: Any, prompt: str, log: Log = print) -> list[HFResult]:
+def run_hf(settings: HFSettings, tokenizer: Any, batches: Sequence[Sequence[str]], log: Log = print) -> list[HFResult]:
+    """One `generate` per batch of prompts (a sweep level), after a warm-up."""
     torch.set_num_threads(settings.num_threads)
     log(f"hf: loading {settings.model_path} ({settings.dtype_name}, {settings.num_threads} threads)")
     model = load_model(settings.model_path, getattr(torch, settings.dtype_name))
     log(f"hf: weights are {weight_layout(model)}")
     pad_token_id = int(tokenizer.pad_token_id)
     log("hf: warm-up (batch 1, 8 tokens)")
-    time_generate(model, chat_inputs(tokenizer, prompt, 1), 8, pad_token_id)
+    time_generate(model, chat_inputs(tokenizer, ["Hello, how are you?"]), settings, 8, pad_token_id)
     results = []
-    for batch_size in settings.batch_sizes:
-        log(f"hf: batch {batch_size} x {settings.max_new_tokens} tokens ...")
-        inputs = chat_inputs(tokenizer, prompt, batch_size)
-        wall_s, num_new = time_generate(model, inputs, settings.max_new_tokens, pad_token_id)
+    for prompts in batches:
+        load_start = read_loadavg()
+        log(f"hf: batch {len(prompts)} x {settings.max_new_tokens} tokens ... (load average {load_start})")
+        inputs = chat_inputs(tokenizer, prompts)
+        wall_s, num_new = time_generate(model, inputs, settings, settings.max_new_tokens, pad_token_id)
         result = HFResult(
-            batch_size=batch_size,
-            prompt_tokens=int(inputs["input_ids"].shape[1]),
+            batch_size=len(prompts),
+            prompt_tokens=int(inputs["attention_mask"].sum()),
             completion_tokens=num_new,
             wall_s=wall_s,
             tokens_per_s=num_new / wall_s,
+            load_start=load_start,
+            load_end=read_loadavg(),
         )
-        log(f"hf: batch {batch_size}: {result.tokens_per_s:.1f} tok/s in {wall_s:.2f}s")
+        log(
+            f"hf: batch {len(prompts)}: {result.tokens_per_s:.1f} tok/s in {wall_s:.2f}s (load average {result.load_end})"
+        )
         results.append(result)
     return results

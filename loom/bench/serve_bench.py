@@ -1,59 +1,43 @@
-"""One-shot serving benchmark: Loom's streaming chat endpoint against HF `generate`, same GGUF.
+"""`loom bench`: serving throughput and latency of any OpenAI-compatible server, side by side.
 
-Owns the command line of `loom bench`, the Loom half (start `loom.cli serve` or use `--url`, fire
-C concurrent streaming requests per concurrency level, read OpenAI SSE), the side-by-side table
-and the JSON report. The HF half lives in `hf_baseline` and runs only after the server is
-stopped: never both at once on a small machine. `--soak MINUTES` runs `soak` instead. A tool,
-not a test: it asserts nothing and prints numbers.
+Owns the command line and the shape of one invocation: targets (`--target NAME=URL`, or `loom`,
+`llama-server`, `vllm`, `hf` started here) run one after another, never at once; a seeded request
+set; a concurrency sweep or a Poisson request rate; scenarios as ratios to the plain run; the
+table, the JSON report and the PNG plot. `--soak MINUTES` runs `soak` instead, and `--setup
+llama-server` only builds that peer. A tool, not a test: it asserts nothing and prints numbers.
 
-    loom bench --concurrency 1,8,32
+    loom bench --target loom --target llama-server --concurrency 1,8,32
+    loom bench --target mine=http://127.0.0.1:8000/v1 --request-rate 1,2,4
     python -m loom.bench --soak 30 --server-arg='--threads 2'
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import importlib.metadata
 import importlib.util
-import json
 import os
 import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from loom.bench import extras, hf_baseline, soak
-from loom.bench.server import LoomBenchError, free_port, server_command, start_server, stop_server, wait_for_health
+from loom.bench import llama_server, report, soak
+from loom.bench.runner import BenchPlan, HFOptions, run_hf_target, run_http_target
+from loom.bench.scenarios import SCENARIOS
+from loom.bench.stats import read_loadavg
+from loom.bench.targets import LaunchSettings, TargetSpec, parse_target
+from loom.bench.workload import WorkloadSpec
 
 RESULTS_DIR = Path("loom-bench-results")  # under the working directory: an installed package is read-only
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HF_DTYPES = ("bfloat16", "float16", "float32")
+DEFAULT_SCENARIOS = ("penalties", "prefix-cache")  # unless --skip-extras or --scenario says otherwise
 SERVER_ARG_HELP = "extra `loom serve` args, shell-split (repeatable): --server-arg='--flag value'"
-TABLE_HEADER = ("concurrency", "loom tok/s", "hf tok/s", "ratio (loom/hf)", "loom TTFT ms", "loom ITL ms")
-
-
-@dataclass(frozen=True, slots=True)
-class StreamResult:
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_s: float  # request sent -> first non-empty content delta
-    itl_s: float | None  # mean gap between tokens after the first; None below 2 tokens
-
-
-@dataclass(frozen=True, slots=True)
-class LoomResult:
-    concurrency: int
-    prompt_tokens: int  # per request, from usage
-    completion_tokens: int  # summed over the batch, from usage
-    wall_s: float
-    tokens_per_s: float
-    mean_ttft_s: float
-    mean_itl_s: float | None
+TARGET_HELP = "loom, llama-server, vllm, hf, or NAME=URL of any OpenAI-compatible server (repeatable, run in order)"
 
 
 def log(message: str) -> None:
@@ -68,33 +52,88 @@ def default_model_path() -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF)
 
 
+def _positive_list(text: str, kind: type[int] | type[float]) -> list[Any]:
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive numbers like 1,8,32, got {text!r}")
+    return values
+
+
 def parse_levels(text: str) -> list[int]:
-    """`"1,8,32"` -> `[1, 8, 32]`; each level is both a concurrency (Loom) and a batch size (HF)."""
-    levels = [int(level) for level in text.split(",") if level.strip()]
-    if not levels or min(levels) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 1,8,32, got {text!r}")
-    return levels
+    """`"1,8,32"` -> `[1, 8, 32]`: concurrent streams (HTTP targets) and batch sizes (hf)."""
+    return _positive_list(text, int)
+
+
+def parse_rates(text: str) -> list[float]:
+    return _positive_list(text, float)
+
+
+def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("workload (seeded: the same requests for every target)")
+    group.add_argument("--concurrency", type=parse_levels, default=[1, 8, 32], help="comma-separated levels")
+    group.add_argument(
+        "--request-rate", type=parse_rates, default=None, help="Poisson req/s (comma list): instead of --concurrency"
+    )
+    group.add_argument(
+        "--num-requests", type=int, default=None, help="per phase (default: one per stream; 32 with a rate)"
+    )
+    group.add_argument(
+        "--max-concurrency", type=int, default=None, help="with --request-rate: at most this many in flight"
+    )
+    group.add_argument("--max-tokens", type=int, default=128, help="output tokens per request")
+    group.add_argument("--prompt-tokens", type=int, default=128, help="user text, before the chat template")
+    group.add_argument("--length-jitter", type=float, default=0.0, help="0.25: lengths drawn from 0.75n..1.25n")
+    group.add_argument("--temperature", type=float, default=0.8)
+    group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True, help="send ignore_eos")
+    group.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths, arrivals and request seeds")
+
+
+def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("targets")
+    group.add_argument("--target", type=parse_target, action="append", default=[], help=TARGET_HELP)
+    group.add_argument("--reference", default=None, help="target the ratios divide by (default: the last)")
+    group.add_argument("--url", default=None, help="a running Loom server: the `loom` target is this URL")
+    group.add_argument("--skip-hf", action="store_true", help="drop hf from the default targets")
+    group.add_argument("--skip-loom", action="store_true", help="drop loom from the default targets")
+    group.add_argument("--server-arg", action="append", default=[], help=SERVER_ARG_HELP)
+    group.add_argument("--llama-arg", action="append", default=[], help="extra llama-server args, shell-split")
+    group.add_argument("--llama-threads", type=int, default=os.cpu_count() or 1, help="llama-server -t")
+    group.add_argument("--llama-parallel", type=int, default=64, help="llama-server -np (slots)")
+    group.add_argument("--llama-context", type=int, default=32768, help="llama-server -c (shared by the slots)")
+    group.add_argument(
+        "--vllm-venv", type=Path, default=None, help="vLLM's virtual environment (default: <cache>/vllm-venv)"
+    )
+    group.add_argument("--vllm-model", default=None, help="what vLLM loads (a Hugging Face folder); default --model")
+    group.add_argument("--vllm-arg", action="append", default=[], help="extra vLLM server args, shell-split")
+    group.add_argument("--cache-dir", type=Path, default=None, help="peer builds (default: ~/.cache/loom)")
+    group.add_argument(
+        "--setup", choices=["llama-server"], default=None, help="build that peer into the cache and exit"
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="loom bench", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--model", default=default_model_path(), help="GGUF file for both sides")
-    parser.add_argument("--dtype", default="auto", help="Loom server --dtype (auto: bf16 where the CPU runs it)")
+    parser.add_argument("--model", default=default_model_path(), help="GGUF file every managed target loads")
+    parser.add_argument("--dtype", default="auto", help="loom serve --dtype (auto: bf16 where the CPU runs it)")
     parser.add_argument("--hf-dtype", default="bfloat16", choices=HF_DTYPES)
-    parser.add_argument("--hf-threads", type=int, default=os.cpu_count() or 1, help="torch threads")
-    parser.add_argument("--concurrency", type=parse_levels, default=[1, 8, 32], help="comma-separated levels")
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--prompt-tokens", type=int, default=128, help="user text, before template")
-    parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--skip-loom", action="store_true")
-    parser.add_argument("--skip-extras", action="store_true", help="skip the sampler-load and prefix-cache runs")
-    parser.add_argument("--url", default=None, help="benchmark a running server, start none")
-    parser.add_argument("--server-arg", action="append", default=[], help=SERVER_ARG_HELP)
+    parser.add_argument("--hf-threads", type=int, default=os.cpu_count() or 1, help="torch threads of the hf target")
+    _add_workload_arguments(parser)
+    _add_target_arguments(parser)
+    group = parser.add_argument_group("scenarios (each a ratio to the plain run of the same target)")
+    group.add_argument("--scenario", action="append", choices=SCENARIOS, default=None, help="repeatable")
+    group.add_argument("--scenario-target", action="append", default=[], help="run scenarios only on these targets")
+    group.add_argument("--scenario-concurrency", type=int, default=32, help="streams of each scenario")
+    group.add_argument("--skip-extras", action="store_true", help="no default scenarios (penalties, prefix-cache)")
     parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds for /health")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON and server log go")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON, PNG and server logs go")
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG")
     soak.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.server_pid is not None and args.url is None:
@@ -102,263 +141,109 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-# --- the streaming client ----------------------------------------------------------------------
-
-
-def chat_body(model_id: str, prompt: str, max_tokens: int) -> dict[str, Any]:
-    return {
-        "model": model_id,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "temperature": 0,
-    }
-
-
-async def fetch_model_id(client: httpx.AsyncClient) -> str:
-    response = await client.get("/v1/models")
-    response.raise_for_status()
-    return str(response.json()["data"][0]["id"])
-
-
-def sse_data(line: str) -> str | None:
-    """The JSON text of one SSE `data:` line; None for blank lines, comments and other fields."""
-    if not line.startswith("data:"):
-        return None
-    return line[len("data:") :].strip()
-
-
-async def stream_chat(client: httpx.AsyncClient, body: dict[str, Any]) -> StreamResult:
-    start = time.perf_counter()
-    first_at: float | None = None
-    last_at = start
-    usage: dict[str, Any] | None = None
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        if response.status_code != 200:
-            detail = (await response.aread()).decode(errors="replace")
-            raise LoomBenchError(f"HTTP {response.status_code}: {detail[:500]}")
-        async for line in response.aiter_lines():
-            payload = sse_data(line)
-            if payload is None:
-                continue
-            if payload == "[DONE]":
-                break
-            chunk = json.loads(payload)
-            if "error" in chunk:
-                raise LoomBenchError(f"error event in stream: {chunk['error']}")
-            if any(choice.get("delta", {}).get("content") for choice in chunk.get("choices", [])):
-                last_at = time.perf_counter()
-                first_at = first_at if first_at is not None else last_at
-            usage = chunk.get("usage") or usage
-    if usage is None or first_at is None:
-        raise LoomBenchError("stream ended without content or without a usage chunk")
-    num_tokens = int(usage["completion_tokens"])
-    itl_s = (last_at - first_at) / (num_tokens - 1) if num_tokens > 1 else None
-    return StreamResult(int(usage["prompt_tokens"]), num_tokens, first_at - start, itl_s)
-
-
-def unique_prompt(body: dict[str, Any], index: int) -> dict[str, Any]:
-    """Each stream its own prompt, so the prefix cache cannot serve one stream's prompt to another
-    (the HF side recomputes every row; a shared prompt would flatter Loom)."""
-    message = body["messages"][-1]
-    return {**body, "messages": [{**message, "content": f"{index}: {message['content']}"}]}
-
-
-async def run_batch(
-    client: httpx.AsyncClient, body: dict[str, Any], concurrency: int, first_index: int = 0
-) -> LoomResult:
-    """`first_index` numbers the prompts: runs that must not share cached prompts use disjoint ranges."""
-    start = time.perf_counter()
-    indices = range(first_index, first_index + concurrency)
-    streams = await asyncio.gather(*(stream_chat(client, unique_prompt(body, i)) for i in indices))
-    wall_s = time.perf_counter() - start
-    completion_tokens = sum(s.completion_tokens for s in streams)
-    itls = [s.itl_s for s in streams if s.itl_s is not None]
-    return LoomResult(
-        concurrency=concurrency,
-        prompt_tokens=streams[0].prompt_tokens,
-        completion_tokens=completion_tokens,
-        wall_s=wall_s,
-        tokens_per_s=completion_tokens / wall_s,
-        mean_ttft_s=sum(s.ttft_s for s in streams) / len(streams),
-        mean_itl_s=sum(itls) / len(itls) if itls else None,
-    )
-
-
-@dataclass(slots=True)
-class LoomRun:
-    levels: list[LoomResult] = field(default_factory=list)
-    sampler: LoomResult | None = None  # the largest level again, every request with penalties + logprobs
-    prefix_cache: extras.PrefixCacheResult | None = None
-
-
-async def run_loom_client(args: argparse.Namespace, url: str, prompt: str) -> LoomRun:
-    levels, max_tokens = args.concurrency, args.max_tokens
-    limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels))
-    timeout = httpx.Timeout(args.request_timeout, connect=10.0)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
-        model_id = await fetch_model_id(client)
-        log(f"loom: model id {model_id!r}; warm-up (1 request, 8 tokens)")
-        await stream_chat(client, chat_body(model_id, prompt, 8))
-        run = LoomRun()
-        for concurrency in levels:
-            log(f"loom: concurrency {concurrency} x {max_tokens} tokens ...")
-            result = await run_batch(client, chat_body(model_id, prompt, max_tokens), concurrency, 1000 * concurrency)
-            log(
-                f"loom: concurrency {concurrency}: {result.tokens_per_s:.1f} tok/s, "
-                f"TTFT {result.mean_ttft_s * 1e3:.0f} ms, in {result.wall_s:.2f}s"
-            )
-            run.levels.append(result)
-        if not args.skip_extras:
-            top = max(levels)
-            log(f"loom: concurrency {top} with penalties, logit_bias, logprobs (top 5) ...")
-            body = extras.sampler_body(chat_body(model_id, prompt, max_tokens))
-            run.sampler = await run_batch(client, body, top, 1_000_000)
-            log("loom: prefix cache, ~1,000-token system prompt, cold vs warm ...")
-            run.prefix_cache = await extras.prefix_cache_ttft(client, model_id)
-    return run
-
-
-def run_loom(args: argparse.Namespace, prompt: str, stamp: str) -> LoomRun:
-    def measure(url: str) -> LoomRun:
-        return asyncio.run(run_loom_client(args, url, prompt))
-
+def targets_from_args(args: argparse.Namespace) -> tuple[TargetSpec, ...]:
+    """`--target`s in order; without any: loom (or `--url`) then hf, less what `--skip-*` drops."""
+    targets = list(args.target) or [TargetSpec("loom", "loom"), TargetSpec("hf", "hf")]
     if args.url:
-        return measure(args.url.rstrip("/"))
-    port = free_port()
-    log_path = args.results_dir / f"{stamp}-loom-server.log"
-    proc = start_server(server_command(args.model, args.dtype, port, args.server_arg), log_path, log)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for_health(url, proc, args.startup_timeout, log_path, log)
-        return measure(url)
-    finally:
-        stop_server(proc, log)
+        targets = [parse_target(f"loom={args.url}") if t.name == "loom" else t for t in targets]
+    skipped = {name for name, skip in (("loom", args.skip_loom), ("hf", args.skip_hf)) if skip}
+    return tuple(t for t in targets if t.name not in skipped)
 
 
-# --- report ------------------------------------------------------------------------------------
+def plan_from_args(args: argparse.Namespace) -> BenchPlan:
+    workload = WorkloadSpec(
+        args.prompt_tokens,
+        args.max_tokens,
+        args.length_jitter,
+        args.temperature,
+        args.top_p,
+        args.ignore_eos,
+        args.seed,
+    )
+    scenarios = tuple(args.scenario) if args.scenario else () if args.skip_extras else DEFAULT_SCENARIOS
+    return BenchPlan(
+        targets=targets_from_args(args), workload=workload, levels=tuple(args.concurrency),
+        rates=tuple(args.request_rate or ()), num_requests=args.num_requests, max_concurrency=args.max_concurrency,
+        scenarios=tuple(dict.fromkeys(scenarios)), scenario_targets=tuple(args.scenario_target),
+        scenario_concurrency=args.scenario_concurrency, request_timeout_s=args.request_timeout,
+    )  # fmt: skip
 
 
-def _cell(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
-
-
-def _table_row(level: int, lr: LoomResult | None, hr: hf_baseline.HFResult | None) -> list[str]:
-    loom_tps = lr.tokens_per_s if lr else None
-    hf_tps = hr.tokens_per_s if hr else None
-    ratio = loom_tps / hf_tps if loom_tps is not None and hf_tps else None
-    ttft_ms = lr.mean_ttft_s * 1e3 if lr else None
-    itl_ms = lr.mean_itl_s * 1e3 if lr and lr.mean_itl_s is not None else None
-    cells = [(loom_tps, ".1f"), (hf_tps, ".1f"), (ratio, ".2f"), (ttft_ms, ".0f"), (itl_ms, ".1f")]
-    return [str(level)] + [_cell(value, fmt) for value, fmt in cells]
-
-
-def format_table(loom: Sequence[LoomResult], hf: Sequence[hf_baseline.HFResult]) -> str:
-    loom_by = {r.concurrency: r for r in loom}
-    hf_by = {r.batch_size: r for r in hf}
-    levels = sorted(set(loom_by) | set(hf_by))
-    rows = [list(TABLE_HEADER)] + [_table_row(lv, loom_by.get(lv), hf_by.get(lv)) for lv in levels]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_HEADER))]
-    lines = [" | ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "-+-".join("-" * width for width in widths))
-    return "\n".join(lines)
-
-
-@dataclass(slots=True)
-class BenchRun:
-    """What one invocation gathered, filled phase by phase; `asdict` of it is the JSON report."""
-
-    loom: LoomRun = field(default_factory=LoomRun)
-    hf: list[hf_baseline.HFResult] = field(default_factory=list)
-    # Other work on the machine skews every number, so each phase records what it ran beside.
-    load_average_1m: dict[str, float] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-
-    def start_phase(self, phase: str, title: str) -> None:
-        log(f"== {title} ==")
-        self.load_average_1m[phase] = os.getloadavg()[0]
-        log(f"{phase}: 1-minute load average {self.load_average_1m[phase]:.2f}")
-
-
-def loom_phase(args: argparse.Namespace, prompt: str, stamp: str, run: BenchRun) -> None:
-    run.start_phase("loom", "phase 1: loom server")
-    try:
-        run.loom = run_loom(args, prompt, stamp)
-    except (LoomBenchError, httpx.HTTPError, KeyError, ValueError) as exc:
-        run.errors["loom"] = f"{type(exc).__name__}: {exc}"
-        log(f"loom: FAILED: {run.errors['loom']}")
-
-
-def hf_phase(args: argparse.Namespace, tokenizer: Any, prompt: str, run: BenchRun) -> None:
-    if tokenizer is None:
-        run.errors["hf"] = f"no GGUF file at {args.model}"
-        log(f"hf: skipped: {run.errors['hf']}")
-        return
-    run.start_phase("hf", "phase 2: hf transformers generate")
-    levels = tuple(args.concurrency)
-    settings = hf_baseline.HFSettings(args.model, args.hf_dtype, args.hf_threads, levels, args.max_tokens)
-    run.hf = hf_baseline.run_hf(settings, tokenizer, prompt, log)
+def launch_from_args(args: argparse.Namespace, stamp: str) -> LaunchSettings:
+    return LaunchSettings(
+        model=args.model, dtype=args.dtype, results_dir=args.results_dir, stamp=stamp,
+        startup_timeout_s=args.startup_timeout, cache_dir=args.cache_dir or llama_server.default_cache_dir(),
+        loom_args=tuple(args.server_arg), llama_args=tuple(args.llama_arg), llama_threads=args.llama_threads,
+        llama_parallel=args.llama_parallel, llama_context=args.llama_context, vllm_venv=args.vllm_venv,
+        vllm_model=args.vllm_model, vllm_args=tuple(args.vllm_arg),
+    )  # fmt: skip
 
 
 def environment() -> dict[str, Any]:
-    import torch
-    import transformers
-
+    """Versions read from package metadata: importing torch just to name it would cost a second."""
+    versions = {}
+    for name in ("loom", "torch", "transformers", "httpx"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    flags = llama_server.cpu_flags()
     return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
+        "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")),
+        "load_average_at_start": str(read_loadavg()), **versions,
+    }  # fmt: skip
 
 
-def log_extras(loom: LoomRun) -> None:
-    plain = next((r for r in loom.levels if loom.sampler and r.concurrency == loom.sampler.concurrency), None)
-    if loom.sampler and plain:
-        ratio = loom.sampler.tokens_per_s / plain.tokens_per_s
-        log(
-            f"sampler load at {plain.concurrency} streams: {loom.sampler.tokens_per_s:.1f} tok/s "
-            f"= {ratio:.2f}x the plain run ({(1 - ratio) * 100:+.0f}% cost)"
-        )
-    if loom.prefix_cache:
-        pc = loom.prefix_cache
-        log(
-            f"prefix cache, {pc.system_prompt_tokens}-token prompt: TTFT cold {pc.cold_ttft_s * 1e3:.0f} ms, "
-            f"warm {pc.warm_ttft_s * 1e3:.0f} ms ({pc.cached_tokens} cached) = {pc.speedup:.1f}x faster warm"
-        )
+def load_tokenizer(model: str) -> Any:
+    """The GGUF's own tokenizer, so prompts have the asked token count; None for a path that is not a file."""
+    if not Path(model).is_file():
+        return None
+    from loom.bench.hf_baseline import load_tokenizer as load
+
+    return load(model)
 
 
-def report(run: BenchRun, args: argparse.Namespace, prompt: str, path: Path) -> None:
-    log("")
-    log(format_table(run.loom.levels, run.hf))
-    log_extras(run.loom)
-    loom_prompt = run.loom.levels[0].prompt_tokens if run.loom.levels else "-"
-    hf_prompt = run.hf[0].prompt_tokens if run.hf else "-"
-    log(f"prompt tokens, chat template included: loom {loom_prompt}, hf {hf_prompt}")
-    payload = {"args": vars(args), "environment": environment(), "prompt": prompt, **asdict(run)}
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    log(f"wrote {path}")
+def run_bench(args: argparse.Namespace, stamp: str) -> int:
+    plan, launch = plan_from_args(args), launch_from_args(args, stamp)
+    if not plan.targets:
+        log("nothing to run: every target was skipped")
+        return 1
+    tokenizer = load_tokenizer(args.model)
+    env = environment()
+    runs = []
+    for spec in plan.targets:
+        if spec.kind == "hf":
+            runs.append(
+                run_hf_target(spec, plan, HFOptions(args.model, args.hf_dtype, args.hf_threads), tokenizer, log)
+            )
+        else:
+            runs.append(run_http_target(spec, plan, launch, tokenizer, log))
+    reference = args.reference or plan.targets[-1].name
+    for line in report.report_lines(runs, reference):
+        log(line)
+    png = None if args.no_plot else report.write_plot(args.results_dir / f"{stamp}.png", runs, log)
+    json_path = args.results_dir / f"{stamp}.json"
+    payload = {
+        "args": vars(args), "environment": env, "workload": asdict(plan.workload), "reference": reference,
+        "targets": report.runs_payload(runs), "plot": None if png is None else str(png),
+    }  # fmt: skip
+    report.write_json(json_path, payload)
+    log(f"wrote {json_path}" + (f" and {png}" if png else ""))
+    return 1 if any(run.failed for run in runs) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.setup == "llama-server":
+        path = llama_server.ensure(args.cache_dir or llama_server.default_cache_dir(), log)
+        log(f"llama-server: {path}")
+        return 0
     args.results_dir.mkdir(parents=True, exist_ok=True)
     if args.soak is not None:
         return soak.run_soak_command(args, stamp)
-    # Only a local GGUF has a tokenizer to cut the prompt with; a remote --url may serve anything.
-    tokenizer = hf_baseline.load_tokenizer(args.model) if Path(args.model).is_file() else None
-    prompt = hf_baseline.build_prompt(args.prompt_tokens, tokenizer)
-    run = BenchRun()
-    if not args.skip_loom:
-        loom_phase(args, prompt, stamp, run)
-    if not args.skip_hf:
-        hf_phase(args, tokenizer, prompt, run)
-    report(run, args, prompt, args.results_dir / f"{stamp}.json")
-    return 1 if run.errors else 0
+    return run_bench(args, stamp)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""The Loom server process a benchmark starts for itself: start, wait for `/health`, stop.
+"""A server process a benchmark starts for itself (Loom or a peer): start, wait for `/health`, stop.
 
-Owns the `python -m loom.cli serve` child (its own session, so everything it forks is reaped),
-its log file and the errors that say why it never became healthy. Never talks the chat API: the
-benchmarks do, over HTTP, like any client.
+Owns the child process (its own session, so everything it forks is reaped), its log file, the
+`python -m loom.cli serve` command line and the errors that say why a server never became
+healthy. Never talks the chat API: the benchmarks do, over HTTP, like any client.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ Log = Callable[[str], None]
 
 
 class LoomBenchError(RuntimeError):
-    """The Loom half could not produce numbers (server died, bad response, timeout)."""
+    """A target could not produce numbers (server died, bad response, timeout)."""
 
 
 def free_port() -> int:
@@ -40,8 +40,8 @@ def server_command(model: str, dtype: str, port: int, server_args: Sequence[str]
     return cmd + ["--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, *extra]
 
 
-def start_server(cmd: list[str], log_path: Path, log: Log) -> Popen[bytes]:
-    log(f"loom: starting {shlex.join(cmd)} (log: {log_path})")
+def start_server(cmd: list[str], log_path: Path, log: Log, name: str = "loom") -> Popen[bytes]:
+    log(f"{name}: starting {shlex.join(cmd)} (log: {log_path})")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("wb") as log_file:
         # A session of its own, so stop_server can reap any engine processes the server forks.
@@ -53,8 +53,11 @@ def log_tail(log_path: Path, num_lines: int = 30) -> str:
     return "\n".join(lines[-num_lines:])
 
 
-def wait_for_health(url: str, proc: Popen[bytes], timeout_s: float, log_path: Path, log: Log) -> None:
-    """Poll `/health` until 200, failing early with the server log's tail if the process dies."""
+def wait_for_health(
+    url: str, proc: Popen[bytes], timeout_s: float, log_path: Path, log: Log, name: str = "loom"
+) -> float:
+    """Poll `/health` until 200 (a peer answers 503 while it loads), failing early with the server
+    log's tail if the process dies; returns the seconds it took."""
     start = time.monotonic()
     next_report = start + 5.0
     while True:
@@ -62,21 +65,22 @@ def wait_for_health(url: str, proc: Popen[bytes], timeout_s: float, log_path: Pa
             raise LoomBenchError(f"server exited with {proc.returncode}:\n{log_tail(log_path)}")
         try:
             if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
-                log(f"loom: healthy after {time.monotonic() - start:.1f}s")
-                return
+                ready_s = time.monotonic() - start
+                log(f"{name}: healthy after {ready_s:.1f}s")
+                return ready_s
         except httpx.TransportError:
             pass  # not listening yet
         now = time.monotonic()
         if now - start > timeout_s:
             raise LoomBenchError(f"no healthy /health after {timeout_s:.0f}s:\n{log_tail(log_path)}")
         if now >= next_report:
-            log(f"loom: waiting for {url}/health ({now - start:.0f}s)")
+            log(f"{name}: waiting for {url}/health ({now - start:.0f}s)")
             next_report = now + 5.0
         time.sleep(0.5)
 
 
-def stop_server(proc: Popen[bytes], log: Log) -> None:
-    log("loom: stopping server")
+def stop_server(proc: Popen[bytes], log: Log, name: str = "loom") -> None:
+    log(f"{name}: stopping server")
     proc.terminate()
     try:
         proc.wait(timeout=30)
@@ -86,4 +90,4 @@ def stop_server(proc: Popen[bytes], log: Log) -> None:
     # Leftover children would steal cores from whatever runs next; the process group is ours alone.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    log(f"loom: server stopped (exit {proc.returncode})")
+    log(f"{name}: server stopped (exit {proc.returncode})")
