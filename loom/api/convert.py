@@ -41,6 +41,12 @@ def to_chat_request(req: ChatCompletionRequest, header_request_id: str | None = 
             f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})", param="min_tokens"
         )
     tools = to_tool_options(req)
+    if req.use_beam_search and tools is not None and tools.forced:
+        raise UnprocessableEntityError(
+            "use_beam_search does not combine with a forced tool call: a constraint cannot follow every beam",
+            param="tool_choice",
+            code="unsupported_combination",
+        )
     return ChatRequest(
         request_id=req.request_id or header_request_id or random_id("chatcmpl"),
         messages=chat_messages(req.messages),

@@ -82,3 +82,8 @@ def test_media_parts_for_a_text_model_are_422_naming_the_part(api: TestClient, p
     resp = api.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": content}]))
     assert resp.status_code == 422
     assert part in resp.json()["error"]["message"]
+
+
+def test_a_forced_call_does_not_combine_with_beam_search(api: TestClient) -> None:
+    resp = api.post("/v1/chat/completions", json=chat_body(tools=[WEATHER], tool_choice="required", use_beam_search=True))
+    assert resp.status_code == 422 and resp.json()["error"]["param"] == "tool_choice"
