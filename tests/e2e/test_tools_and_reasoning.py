@@ -118,3 +118,34 @@ def post_tokenize(base_url: str, text: str) -> list[int]:
     resp = httpx.post(f"{base_url}/tokenize", json={"prompt": text, "add_special_tokens": False}, timeout=60)
     assert resp.status_code == 200
     return resp.json()["tokens"]  # type: ignore[no-any-return]
+
+
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_calls_always_validate(base_url: str, parallel: bool) -> None:
+    resp = complete(
+        base_url, "What time is it in Paris, and what is the weather?", tools=[WEATHER, TIME],
+        tool_choice="required", parallel_tool_calls=parallel, max_tokens=96, temperature=0.7, seed=3,
+    )  # fmt: skip
+    choice = resp["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    calls = choice["message"]["tool_calls"]
+    assert calls and (parallel or len(calls) == 1)
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    for call in calls:
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+    assert len({c["id"] for c in calls}) == len(calls)
+
+
+def test_a_named_call_streams_openai_shaped_deltas(base_url: str) -> None:
+    named = {"type": "function", "function": {"name": "get_time"}}  # its schema is short: an enum
+    chunks = stream(base_url, "Time in Rome?", tools=[WEATHER, TIME], tool_choice=named, max_tokens=64, temperature=0)
+    deltas = [c["delta"]["tool_calls"][0] for c in streamed_choices(chunks) if c["delta"].get("tool_calls")]
+    assert deltas[0]["id"].startswith("call_") and deltas[0]["type"] == "function"
+    assert deltas[0]["function"]["name"] == "get_time" and all(d["index"] == 0 for d in deltas)
+    assert all(d.get("id") is None for d in deltas[1:])
+    arguments = "".join(d["function"]["arguments"] or "" for d in deltas)
+    jsonschema.validate(json.loads(arguments), TIME["function"]["parameters"])
+    assert streamed_choices(chunks)[-1]["finish_reason"] == "stop"
