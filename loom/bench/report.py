@@ -162,13 +162,17 @@ def write_plot(path: Path, runs: Sequence[TargetRun], log: Callable[[str], None]
         if ttft:
             right.plot([x for x, _ in ttft], [t for _, t in ttft], marker="o", label=name)
     xlabel = "request rate (req/s)" if by_rate else "concurrent streams"
+    levels = sorted({p.concurrency for phases in series.values() for p in phases if p.concurrency})
     for axes, ylabel in ((left, "output tokens/s"), (right, "TTFT p50 (s)")):
         axes.set_xlabel(xlabel)
         axes.set_ylabel(ylabel)
         axes.grid(True, alpha=0.3)
-        axes.legend()
+        if axes.get_legend_handles_labels()[0]:  # hf alone has no TTFT line
+            axes.legend()
+        axes.set_ylim(bottom=0)
         if not by_rate:
             axes.set_xscale("log", base=2)
+            axes.set_xticks(levels, [str(level) for level in levels])  # 1, 8, 32 rather than 2^0, 2^3, 2^5
     fig.suptitle("loom bench")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -23,7 +23,7 @@ from loom.bench.results import PhaseResult, PhaseShape, TargetRun
 from loom.bench.scenarios import RUNNERS, ScenarioContext
 from loom.bench.server import Log, LoomBenchError
 from loom.bench.stats import read_loadavg, summarize
-from loom.bench.targets import LaunchSettings, TargetSpec, running
+from loom.bench.targets import LaunchSettings, TargetSpec, running, vllm_python
 from loom.bench.workload import BenchRequest, Tokenizer, WorkloadSpec, arrival_offsets, build_requests, chat_body
 
 PHASE_INDEX_STRIDE = 100_000  # phase k's prompts are numbered from (k + 1) * stride: never shared
@@ -106,6 +106,12 @@ def run_http_target(
 ) -> TargetRun:
     run = TargetRun(spec.name, spec.kind, spec.url)
     log(f"== {spec.name} ({spec.kind}) == load average {read_loadavg()}")
+    if spec.kind == "vllm" and vllm_python(launch) is None:
+        run.notes.append(
+            f"skipped: no vLLM virtual environment at {launch.vllm_venv or launch.cache_dir / 'vllm-venv'}"
+        )
+        log(f"{spec.name}: {run.notes[-1]}")
+        return run
     try:
         with running(spec, launch, log) as launched:
             run.url, run.ready_s, run.command = launched.url, launched.ready_s, launched.command

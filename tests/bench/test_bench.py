@@ -28,7 +28,7 @@ from loom.bench.client import Progress, api_root
 from loom.bench.llama_server import needs_no_repack
 from loom.bench.scenarios import fast_forward_switch
 from loom.bench.stats import parse_loadavg, percentile, summarize
-from loom.bench.targets import parse_target
+from loom.bench.targets import LaunchSettings, llama_server_command, parse_target
 from loom.bench.workload import WorkloadSpec, arrival_offsets, build_request, build_requests, chat_body
 
 BAD_EVERY = 4  # the toy answers request i with an invalid JSON / tool call when i % 4 == 0 / 1
@@ -166,6 +166,18 @@ def test_targets_peer_flags_and_the_fast_forward_probe() -> None:
     assert needs_no_repack(frozenset({"avx2", "amx_tile"})) and not needs_no_repack(frozenset({"avx512f"}))
     assert fast_forward_switch("  --structured-outputs-fast-forward  skip forced tokens") is not None
     assert fast_forward_switch("  --max-num-seqs N\n  --dtype D") is None
+    settings = LaunchSettings(
+        "m.gguf", "auto", Path("r"), "s", 10.0, Path("c"), llama_threads=2, llama_args=("--jinja",)
+    )
+    cmd = llama_server_command(Path("/x/llama-server"), settings, 8080)
+    assert " ".join(cmd[1:]).startswith("-m m.gguf --host 127.0.0.1 --port 8080 -t 2 -np 64 -c 32768")
+    assert ("--no-repack" in cmd) == needs_no_repack() and cmd[-1] == "--jinja"
+
+
+def test_a_missing_vllm_environment_skips_that_target_with_a_note(tmp_path: Path) -> None:
+    argv = ["--target", "vllm", "--vllm-venv", str(tmp_path / "none"), "--skip-extras", "--no-plot"]
+    [vllm] = _run(argv, tmp_path)["targets"]
+    assert not vllm["phases"] and not vllm["errors"] and "no vLLM virtual environment" in vllm["notes"][0]
 
 
 def test_progress_line_counts_and_rewrites_itself_only_on_a_terminal() -> None:
