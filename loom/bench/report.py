@@ -34,8 +34,10 @@ def grid(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def cell(value: float | None, fmt: str, scale: float = 1.0) -> str:
-    return "-" if value is None else format(value * scale, fmt)
+def cell(value: float | str | None, fmt: str, scale: float = 1.0) -> str:
+    if value is None or isinstance(value, str):
+        return value or "-"
+    return format(value * scale, fmt)
 
 
 def _ms(dist: Distribution | None, attr: str) -> str:
@@ -104,12 +106,12 @@ def scenario_summary(s: ScenarioResult) -> str:
 def scenario_table(scenarios: Sequence[ScenarioResult]) -> str:
     rows = [["target", "scenario", "out tok/s", "plain tok/s", "ratio", "req/s", "plain req/s", "load 1m", "checks"]]
     for s in scenarios:
-        run, plain = s.run, s.plain
+        tps = None if s.run is None else s.run.output_tok_s
+        plain_tps = None if s.plain is None else s.plain.output_tok_s
         rows.append([
-            s.target, s.name, cell(run and run.output_tok_s, ",.1f"), cell(plain and plain.output_tok_s, ",.1f"),
-            cell(ratio(run and run.output_tok_s, plain and plain.output_tok_s), ".2f"),
-            cell(run and run.req_s, ".2f"), cell(plain and plain.req_s, ".2f"),
-            f"{run.load_start.one:.2f}>{run.load_end.one:.2f}" if run else "-", scenario_summary(s),
+            s.target, s.name, cell(tps, ",.1f"), cell(plain_tps, ",.1f"), cell(ratio(tps, plain_tps), ".2f"),
+            cell(None if s.run is None else s.run.req_s, ".2f"), cell(None if s.plain is None else s.plain.req_s, ".2f"),
+            f"{s.run.load_start.one:.2f}>{s.run.load_end.one:.2f}" if s.run else "-", scenario_summary(s),
         ])  # fmt: skip
     return grid(rows)
 

@@ -103,7 +103,7 @@ class ScenarioContext:
 def schema_validator() -> Validator | None:
     """`jsonschema` when installed (the `bench` extra), else None: outputs are then only parsed."""
     try:
-        import jsonschema
+        import jsonschema  # type: ignore[import-untyped]
     except ImportError:
         return None
 

@@ -181,7 +181,7 @@ def launch_from_args(args: argparse.Namespace, stamp: str) -> LaunchSettings:
 
 def environment() -> dict[str, Any]:
     """Versions read from package metadata: importing torch just to name it would cost a second."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in ("loom", "torch", "transformers", "httpx"):
         try:
             versions[name] = importlib.metadata.version(name)
