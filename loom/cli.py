@@ -9,10 +9,15 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from loom.api.limits import add_limit_flags, limits_from_args
 from loom.engine.config import DTYPES
 from loom.parsers import reasoning_parser_names, tool_parser_names
+from loom.platform_cli import add_serve_arguments
+
+if TYPE_CHECKING:
+    from loom.engine import AsyncEngine
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -70,11 +75,16 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         "--reasoning-parser", default=None, choices=reasoning_parser_names(),
         help="how the model marks its reasoning (default: by model family, else none)",
     )
+    p.add_argument(
+        "--structured-outputs-backend", default="llguidance", choices=["llguidance", "xgrammar"],
+        help="grammar engine for structured outputs when a request names none (xgrammar: if installed)",
+    )
     p.add_argument("--allowed-origins", nargs="+", default=["*"], help="CORS: origins a browser may call from")
     p.add_argument("--allowed-methods", nargs="+", default=["*"], help="CORS: methods a browser may use")
     p.add_argument("--allowed-headers", nargs="+", default=["*"], help="CORS: headers a browser may send")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_limit_flags(p)
+    add_serve_arguments(p)
 
 
 # oneDNN (bf16 linears and matmuls on CPU) keeps a compiled primitive per input shape in two LRU
@@ -105,22 +115,76 @@ def resolve_dtype(dtype: str) -> str:
 def serve(args: argparse.Namespace) -> int:
     bound_onednn_caches()
     import uvicorn
-    from tqdm import tqdm
 
     from loom.api.app import create_app
     from loom.api.config import CorsConfig, ServerConfig
     from loom.api.server import server_config
+    from loom.platform_cli import platform_from_args, startup_description, unauthenticated_bind_error
+
+    started = time.perf_counter()
+    try:  # before the model loads: a wrong database URL or an open public bind fails at once
+        platform = platform_from_args(args)
+    except Exception as exc:  # a bad URL, an unreachable database or Redis, a bad JWT key: say which
+        print(f"loom: error: cannot open the platform: {exc}", file=sys.stderr)
+        return 2
+    refusal = unauthenticated_bind_error(platform, args.host, args.allow_unauthenticated)
+    if refusal is not None:
+        print(f"loom: error: {refusal}", file=sys.stderr)
+        return 2
+    try:
+        loaded = _load_engine(args)
+        if loaded is None:
+            return 2
+        engine, names = loaded
+        limits = limits_from_args(args)
+        server_cfg = ServerConfig(
+            served_model_names=names,
+            limits=limits,
+            cors=CorsConfig(tuple(args.allowed_origins), tuple(args.allowed_methods), tuple(args.allowed_headers)),
+            trust_request_chat_template=args.trust_request_chat_template,
+            tool_call_parser=args.tool_call_parser,
+            reasoning_parser=args.reasoning_parser,
+            structured_outputs_backend=args.structured_outputs_backend,
+        )
+        app = create_app(server_cfg, engine, platform)
+        server = uvicorn.Server(server_config(app, args.host, args.port, limits, args.log_level))
+        about = startup_description(platform, args.host)
+
+        async def announce_when_ready() -> None:
+            while not server.started:
+                await asyncio.sleep(0.05)
+            elapsed = time.perf_counter() - started
+            where = f"http://{args.host}:{args.port}/v1"
+            print(f"loom: ready at {where} (model {names[0]}, start-up {elapsed:.1f} s; {about})", flush=True)
+
+        async def run() -> None:
+            waiter = asyncio.create_task(announce_when_ready())
+            await server.serve()
+            waiter.cancel()
+
+        try:
+            asyncio.run(run())
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it already handled by shutting down
+            pass
+    finally:
+        if platform is not None:
+            platform.close()
+    return 0
+
+
+def _load_engine(args: argparse.Namespace) -> tuple[AsyncEngine, tuple[str, ...]] | None:
+    """The engine `loom serve` was asked for and the names it answers to; None (said why) if it cannot load."""
+    from tqdm import tqdm
+
     from loom.engine import EngineConfig, build_engine
     from loom.models.default import default_model_path, served_model_names
 
-    started = time.perf_counter()
     model_path = str(args.model or default_model_path())
     names = tuple(args.served_model_name or served_model_names(model_path))
     dtype = resolve_dtype(args.dtype)
-    name = names[0]
     config = EngineConfig(
         model_path=model_path,
-        served_model_name=name,
+        served_model_name=names[0],
         dtype=dtype,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
@@ -131,7 +195,7 @@ def serve(args: argparse.Namespace) -> int:
         scheduling_policy=args.scheduling_policy,
         enable_prefix_caching=args.enable_prefix_caching,
     )
-    print(f"loom: loading {name} from {model_path} ({dtype})", flush=True)
+    print(f"loom: loading {names[0]} from {model_path} ({dtype})", flush=True)
     with tqdm(total=0, desc="loading weights", unit="tensor", file=sys.stderr) as bar:
 
         def progress(done: int, total: int) -> None:
@@ -140,38 +204,10 @@ def serve(args: argparse.Namespace) -> int:
             bar.refresh()
 
         try:
-            engine = build_engine(config, progress)
+            return build_engine(config, progress), names
         except (ValueError, FileNotFoundError) as exc:
             print(f"loom: error: {exc}", file=sys.stderr)
-            return 2
-    limits = limits_from_args(args)
-    server_cfg = ServerConfig(
-        served_model_names=names,
-        limits=limits,
-        cors=CorsConfig(tuple(args.allowed_origins), tuple(args.allowed_methods), tuple(args.allowed_headers)),
-        trust_request_chat_template=args.trust_request_chat_template,
-        tool_call_parser=args.tool_call_parser,
-        reasoning_parser=args.reasoning_parser,
-    )
-    app = create_app(server_cfg, engine)
-    server = uvicorn.Server(server_config(app, args.host, args.port, limits, args.log_level))
-
-    async def announce_when_ready() -> None:
-        while not server.started:
-            await asyncio.sleep(0.05)
-        elapsed = time.perf_counter() - started
-        print(f"loom: ready at http://{args.host}:{args.port}/v1 (model {name}, start-up {elapsed:.1f} s)", flush=True)
-
-    async def run() -> None:
-        waiter = asyncio.create_task(announce_when_ready())
-        await server.serve()
-        waiter.cancel()
-
-    try:
-        asyncio.run(run())
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it already handled by shutting down
-        pass
-    return 0
+            return None
 
 
 def bench(argv: Sequence[str]) -> int:

@@ -51,16 +51,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--redis", default=None, metavar="URL", help="keep rate-limit counters in Redis, shared by every server on it (default: in-process)")
     group.add_argument("--jwt-secret", default=None, help="accept HS256 JWTs in the `token` header signed with this secret (or set LOOM_JWT_SECRET)")
     group.add_argument("--jwt-public-key", default=None, metavar="FILE", help="accept RS256 JWTs in the `token` header verified with this PEM public key")
-    group.add_argument("--allow-unauthenticated", action="store_true", help="serve on a non-loopback address while no API key exists")
+    group.add_argument("--allow-unauthenticated", action="store_true", help="serve on a non-loopback address while no API key exists (or with --no-platform)")
     group.add_argument("--max-queued-requests", type=int, default=None, help="answer 503 while this many requests wait for the engine (default: no limit)")
+    group.add_argument("--no-platform", action="store_true", help="no database at all: no keys, billing, rate limits, overload limit or usage ledger (every request is anonymous)")
 
 
-def platform_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Platform:
-    """Opens the platform `loom serve` was asked for (migrating the database). Raises ValueError /
-    ConnectionError with a message fit for `loom: error: ...`."""
+def platform_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Platform | None:
+    """Opens the platform `loom serve` was asked for (migrating the database); None with
+    `--no-platform`. Raises ValueError / ConnectionError with a message fit for `loom: error: ...`."""
     import os
 
     env = os.environ if environ is None else environ
+    if args.no_platform:
+        platform_flags = ("db", "redis", "jwt_secret", "jwt_public_key", "max_queued_requests")
+        given = [f"--{name.replace('_', '-')}" for name in platform_flags if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"--no-platform runs without the platform, so {', '.join(given)} would be ignored")
+        return None
     if args.max_queued_requests is not None and args.max_queued_requests < 1:
         raise ValueError("--max-queued-requests must be at least 1")
     config = PlatformConfig(
@@ -73,14 +80,33 @@ def platform_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     return Platform(config)
 
 
-def unauthenticated_bind_error(platform: Platform, host: str, allow_unauthenticated: bool) -> str | None:
-    """Why `loom serve` must not start: open (no key, no JWT) on a non-loopback address."""
-    if allow_unauthenticated or not platform.auth.is_open() or host in ("127.0.0.1", "::1", "localhost"):
+def unauthenticated_bind_error(platform: Platform | None, host: str, allow_unauthenticated: bool) -> str | None:
+    """Why `loom serve` must not start: open (no platform, or no key and no JWT) on a non-loopback address."""
+    if allow_unauthenticated or is_loopback(host) or (platform is not None and not platform.auth.is_open()):
         return None
+    if platform is None:
+        return f"--no-platform needs no credential, so anyone reaching {host} could use this server; pass --allow-unauthenticated"
     return (
         f"no API key exists, so anyone reaching {host} could use this server; create one with "
         "`loom keys create --account NAME`, or pass --allow-unauthenticated"
     )
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def startup_description(platform: Platform | None, host: str) -> str:
+    """The platform's part of `loom serve`'s ready line: where the data lives, who may call."""
+    if platform is None:
+        text = "platform off (--no-platform): no keys, billing or limits"
+        return text if is_loopback(host) else f"{text}, UNAUTHENTICATED on {host} (--allow-unauthenticated)"
+    text = platform.describe()
+    if platform.auth.is_open() and not is_loopback(host):
+        text += f", UNAUTHENTICATED on {host} (--allow-unauthenticated)"
+    if platform.config.max_queued_requests is not None:
+        text += f", 503 past {platform.config.max_queued_requests} queued requests"
+    return text
 
 
 # ---- the commands --------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Sequence
 
-from loom.engine import RequestOutput, SamplingParams
+from loom.engine import EngineStats, RequestOutput, SamplingParams
 from loom.engine.logprobs import TokenLogprob
 
 PIECES = ["a", "b", "c", ".", "</s>"]
@@ -58,6 +58,9 @@ class ToyEngine:
 
     def shutdown(self) -> None:
         self.is_running = False
+
+    def stats(self) -> EngineStats:
+        return EngineStats(0, 0, 0.0, 0, 0, 0)
 
     async def generate(
         self,

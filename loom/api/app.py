@@ -1,18 +1,22 @@
-"""`create_app(config, engine)`: the FastAPI application. No module-level app.
+"""`create_app(config, engine, platform)`: the FastAPI application. No module-level app.
 
 Owns routes and their path aliases, the request id header, the edge limits (body size and read
 time, request sizes, CORS), SSE streaming with disconnect -> abort, and readiness. Bodies are
-parsed strictly (`strict_json`). Never samples or touches SQL.
+parsed strictly (`strict_json`). A generating route reads as its requirements: the caller's key
+(401), its requests per minute (429), the engine's queue (503), then, once the prompt is counted,
+the hold on its balance (429 on tokens per minute, 402); the request settles when it ends
+(`metering`). With `platform` None nothing is required, limited or billed. Never samples or
+touches SQL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TypeVar
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
@@ -21,9 +25,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from loom.api.common import as_api_error, check_model, server_failed
 from loom.api.config import ServerConfig
 from loom.api.convert import to_chat_request
-from loom.api.deps import install_platform
+from loom.api.deps import AuthedKey, HoldMeter, LoadAdmission, RateLimits, check_model_allowed, install_platform
 from loom.api.errors import InternalServerError, install_error_handlers
 from loom.api.limits import enforce_limits
+from loom.api.metering import MeteredRun, estimate
 from loom.api.metrics import Metrics, install_metrics
 from loom.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from loom.api.protocol import ChatCompletionRequest, ignored_extra_fields
@@ -35,37 +40,41 @@ from loom.api.routes_usage import usage_router
 from loom.api.strict_json import StrictJSONRoute
 from loom.engine import AsyncEngine, EngineError
 from loom.parsers import DEFAULT_TOOL_PARSER, reasoning_parser_for_model, tool_parser_for_model
-from loom.platform import Platform
+from loom.platform import Estimate, Platform, RequestMeta
 from loom.serving.chat import ChatService
 from loom.serving.chat_prompt import ParserConfig
 from loom.serving.prepare import PreparedChat
 from loom.serving.templates import TemplateRenderer
-from loom.serving.types import InvalidRequest
+from loom.serving.types import ChatRequest, InvalidRequest
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 CHAT_PATHS = ("/v1/chat/completions", "/v1/chat/completions/", "/api/v1/chat/completions")
 
 
 def create_app(config: ServerConfig, engine: AsyncEngine, platform: Platform | None = None) -> FastAPI:
     renderer = TemplateRenderer(trust_request_templates=config.trust_request_chat_template)
-    chat = ChatService(engine, config.model_name, renderer, parser_config(config))
+    chat = ChatService(
+        engine, config.model_name, renderer, parser_config(config), config.structured_outputs_backend
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
         renderer.start()
+        warm = asyncio.create_task(asyncio.to_thread(chat.structured.warm_up))  # ~0.6 s, off the loop
         yield
+        await asyncio.gather(warm, return_exceptions=True)
+        chat.structured.close()
         renderer.close()
         engine.shutdown()
 
     app = FastAPI(title="Loom", version="0.1.0", lifespan=lifespan)
     app.router.route_class = StrictJSONRoute
     install_error_handlers(app)
-    # platform None: no auth, billing or limits (tests, embedding); requests in flight stand in
-    # for the engine's waiting queue until the engine reports that length
-    install_platform(app, platform, lambda: engine.num_active_requests)
-    install_metrics(app, Metrics(config.model_name))
+    # platform None: no auth, billing or limits (tests, embedding, benchmarks)
+    install_platform(app, platform, lambda: engine.stats().num_waiting)
+    metrics = Metrics(config.model_name, engine.stats)
+    install_metrics(app, metrics)
     app.include_router(usage_router())
     # Starlette runs the last added outermost: request id (and the catch-all 500) around everything
     app.add_middleware(
@@ -80,26 +89,44 @@ def create_app(config: ServerConfig, engine: AsyncEngine, platform: Platform | N
     app.add_middleware(RequestIdMiddleware)
     app.include_router(info_router(config.served_model_names, lambda: engine.max_model_len, lambda: engine.is_running))
     app.include_router(tokens_router(chat, config))
-    app.include_router(completions_router(chat, config))
+    app.include_router(completions_router(chat, config, metrics))
 
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat_completions(
+        body: ChatCompletionRequest,
+        request: Request,
+        key: AuthedKey,
+        _rate: RateLimits,
+        _load: LoadAdmission,
+        meter: HoldMeter,
+    ) -> Response:
         check_model(body.model, config)
+        check_model_allowed(key, body.model or config.model_name, aliases=config.served_model_names)
         enforce_limits(body, config.limits)
         try:
             chat_req = to_chat_request(body, request.headers.get("x-request-id"))
         except InvalidRequest as exc:
             raise as_api_error(exc) from exc
         if extra := ignored_extra_fields(body):  # the spec allows unknown fields; say which went unused
-            log.warning("request %s: fields no spec page defines were accepted and not used: %s", chat_req.request_id, extra[:20])
+            log.warning(
+                "request %s: fields no spec page defines were accepted and not used: %s",
+                chat_req.request_id,
+                extra[:20],
+            )
+        if key is not None:  # the prefix cache is shared only within one account
+            chat_req = dataclasses.replace(chat_req, cache_salt=key.cache_salt(chat_req.cache_salt))
         headers = {"x-request-id": chat_req.request_id}
         try:
             prepared = await chat.prepare(chat_req)  # errors here still get a plain 4xx, not a broken stream
         except InvalidRequest as exc:
             raise as_api_error(exc) from exc
+        await meter.admit(_estimate(prepared, engine.max_model_len, config.model_name), _meta(chat_req))
+        run = MeteredRun(meter, metrics.timer())
         if body.stream:
-            return _stream(chat, prepared, body, headers)
+            return _stream(chat, prepared, body, headers, run)
         try:
-            result = await _unless_disconnected(request, chat.complete(prepared))
+            result = await run.blocking(
+                request, chat.complete(prepared, run.produced), lambda r: (r.usage, r.choices[0].finish_reason)
+            )
         except EngineError as exc:  # logged by the engine; the client learns only that it failed
             raise InternalServerError(server_failed(chat_req.request_id), headers=headers) from exc
         if result is None:
@@ -120,8 +147,18 @@ def parser_config(config: ServerConfig) -> ParserConfig:
     return ParserConfig(tool, config.reasoning_parser or reasoning_parser_for_model(family))
 
 
+def _estimate(prepared: PreparedChat, max_model_len: int, model: str) -> Estimate:
+    """Billed under the served model's first name, whichever alias the client used."""
+    req = prepared.req
+    return estimate(model, [len(prepared.prompt_ids)], prepared.sampling.max_tokens, req.num_candidates, max_model_len)
+
+
+def _meta(req: ChatRequest) -> RequestMeta:
+    return RequestMeta(req.request_id, req.user)
+
+
 def _stream(
-    chat: ChatService, prepared: PreparedChat, body: ChatCompletionRequest, headers: dict[str, str]
+    chat: ChatService, prepared: PreparedChat, body: ChatCompletionRequest, headers: dict[str, str], run: MeteredRun
 ) -> Response:
     opts = body.stream_options
     chat_req = prepared.req
@@ -137,24 +174,13 @@ def _stream(
         ),
     )
 
-    async def events() -> AsyncIterator[str]:
-        deltas = chat.stream(prepared)
+    async def events() -> AsyncGenerator[str, None]:
+        deltas = chat.stream(prepared, run.produced)
         try:
             async for line in writer.write(chat_req.n, deltas, prepared.prompt_ids):
                 yield line
         finally:  # a client that left cancels this generator: close the engine streams now
             await deltas.aclose()  # type: ignore[attr-defined]
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
-    """Runs `work`, cancelling it (which aborts its engine requests) if the client goes away."""
-    task = asyncio.ensure_future(work)
-    while not task.done():
-        done, _ = await asyncio.wait({task}, timeout=0.5)
-        if not done and await request.is_disconnected():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            return None
-    return task.result()
+    lines = run.stream(events(), writer.progress)
+    return StreamingResponse(lines, media_type="text/event-stream", headers=headers)

@@ -1,12 +1,13 @@
 """FastAPI dependencies that put the platform in a route's signature: auth -> limits -> load -> hold.
 
-    async def chat(body: ..., key: AuthedKey, _limits: RequestLimits, _load: LoadAdmission, meter: HoldMeter)
+    async def chat(body: ..., key: AuthedKey, _rate: RateLimits, _load: LoadAdmission, meter: HoldMeter)
 
 Each dependency depends on the one before it, so the order holds however a route lists them:
-`AuthedKey` (401, or 400 for two different credentials) -> `RequestLimits` (429 on requests per
-minute) -> `LoadAdmission` (503 while the engine's queue is full) -> `HoldMeter`, whose
-`admit(estimate, meta)` the route calls once the prompt is counted (429 on tokens per minute,
-402 on balance) and whose `settle(usage, ending)` it calls when the request ends, however it ends.
+`AuthedKey` (401, or 400 for two different credentials) -> `RateLimits` (429 on the key's requests
+per minute; not `loom.api.limits.RequestLimits`, the sizes one request may carry) ->
+`LoadAdmission` (503 while the engine's queue is full) -> `HoldMeter`, whose `admit(estimate,
+meta)` the route calls once the prompt is counted (429 on tokens per minute, 402 on balance) and
+whose `settle(usage, ending)` it calls when the request ends, however it ends.
 A hold the route never settled is released free when the response is over (a server-side failure
 costs nothing). `AuthedKey` is None while the server is open (no key, no JWT) or runs without a
 platform; then every other dependency lets the request through.
@@ -96,10 +97,16 @@ async def authenticate(request: Request) -> Principal | None:
     if platform is None:
         return None
     headers = request.headers
-    credential = read_credential(headers.getlist("authorization"), headers.getlist("x-api-key"), headers.getlist("token"))
+    credential = read_credential(
+        headers.getlist("authorization"), headers.getlist("x-api-key"), headers.getlist("token")
+    )
     outcome = await run_blocking(platform.authenticate, credential)
     if isinstance(outcome, Refused):
-        raise (BadRequestError(outcome.message, code="ambiguous_credentials") if outcome.ambiguous else AuthenticationError(outcome.message))
+        raise (
+            BadRequestError(outcome.message, code="ambiguous_credentials")
+            if outcome.ambiguous
+            else AuthenticationError(outcome.message)
+        )
     return outcome
 
 
@@ -118,10 +125,10 @@ async def limit_requests(request: Request, key: AuthedKey) -> Principal | None:
     return key
 
 
-RequestLimits = Annotated[Principal | None, Depends(limit_requests)]
+RateLimits = Annotated[Principal | None, Depends(limit_requests)]
 
 
-async def admit_load(request: Request, key: RequestLimits) -> Principal | None:
+async def admit_load(request: Request, key: RateLimits) -> Principal | None:
     state = platform_state(request)
     if state.platform is None:
         return key
@@ -202,7 +209,6 @@ class Meter:
                 except Exception as exc:
                     log.error("settling hold %s failed (attempt %d): %s", self.hold_id, attempt + 1, type(exc).__name__)
         return self.settlement
-
 
     def stream(
         self,

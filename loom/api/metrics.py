@@ -3,8 +3,8 @@
 Owns one registry per app (no global registry: two apps in one process never share a counter),
 request-level observations (`RequestTimer`: time to first token, inter-token and end-to-end
 latency, prompt and generation tokens, finished requests by reason), the engine's gauges read at
-scrape time from a `stats` callable (`EngineGauges`), and counts of refusals by status (401,
-402, 429, 503) taken from the responses themselves. Labels are the model name, the finish
+scrape time from a `stats` callable (the engine's `EngineStats` snapshot), and counts of
+refusals by status (401, 402, 429, 503) taken from the responses themselves. Labels are the model name, the finish
 reason and the status: never a key, an account or a user.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -20,28 +19,83 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from loom.engine import EngineStats
+
 REFUSAL_STATUSES = frozenset({401, 402, 429, 503})
 # vLLM's buckets, so dashboards built for it read these the same way
-_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+_TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+_ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
-@dataclass(frozen=True, slots=True)
-class EngineGauges:
-    """The engine's state at one moment; the counters are cumulative since start."""
-
-    num_requests_running: int
-    num_requests_waiting: int
-    kv_cache_usage: float  # 0..1, fraction of KV blocks in use
-    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int  # of those, tokens found
-    num_preemptions: int
-
-
 class _EngineCollector(Collector):
-    def __init__(self, model_name: str, stats: Callable[[], EngineGauges]) -> None:
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
         self.model_name = model_name
         self.stats = stats
 
@@ -49,11 +103,21 @@ class _EngineCollector(Collector):
         s = self.stats()
         label = [self.model_name]
         for name, doc, value, family in (
-            ("vllm:num_requests_running", "Requests in the running batch.", s.num_requests_running, GaugeMetricFamily),
-            ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_requests_waiting, GaugeMetricFamily),
+            ("vllm:num_requests_running", "Requests in the running batch.", s.num_running, GaugeMetricFamily),
+            ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting, GaugeMetricFamily),
             ("vllm:kv_cache_usage_perc", "KV-cache usage: 1 means 100 percent.", s.kv_cache_usage, GaugeMetricFamily),
-            ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries, CounterMetricFamily),
-            ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits, CounterMetricFamily),
+            (
+                "vllm:prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                s.prefix_cache_queries,
+                CounterMetricFamily,
+            ),
+            (
+                "vllm:prefix_cache_hits",
+                "Prompt tokens found in the prefix cache.",
+                s.prefix_cache_hits,
+                CounterMetricFamily,
+            ),
             ("vllm:num_preemptions", "Requests preempted by the scheduler.", s.num_preemptions, CounterMetricFamily),
         ):
             metric = family(name, doc, labels=["model_name"])
@@ -64,20 +128,41 @@ class _EngineCollector(Collector):
 class Metrics:
     """The app's metrics. `stats` (optional) is read at every scrape."""
 
-    def __init__(self, model_name: str, stats: Callable[[], EngineGauges] | None = None) -> None:
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats] | None = None) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         model = ["model_name"]
         r = self.registry
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", model, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens processed.", model, registry=r)
-        self.request_success = Counter("vllm:request_success", "Finished requests.", [*model, "finished_reason"], registry=r)
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", model, buckets=_TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens.", model, buckets=_ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.", model, buckets=_E2E_BUCKETS, registry=r)
-        self.request_prompt_tokens = Histogram("vllm:request_prompt_tokens", "Prompt tokens per request.", model, buckets=_TOKEN_BUCKETS, registry=r)
-        self.request_generation_tokens = Histogram("vllm:request_generation_tokens", "Generation tokens per request.", model, buckets=_TOKEN_BUCKETS, registry=r)
-        self.refusals = Counter("loom:refused_requests", "Requests refused by status: 401 auth, 402 balance, 429 rate limit, 503 overload.", ["status"], registry=r)
+        self.request_success = Counter(
+            "vllm:request_success", "Finished requests.", [*model, "finished_reason"], registry=r
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds", "Time to first token.", model, buckets=_TTFT_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds", "Time between output tokens.", model, buckets=_ITL_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds", "End-to-end request latency.", model, buckets=_E2E_BUCKETS, registry=r
+        )
+        self.request_prompt_tokens = Histogram(
+            "vllm:request_prompt_tokens", "Prompt tokens per request.", model, buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.request_generation_tokens = Histogram(
+            "vllm:request_generation_tokens",
+            "Generation tokens per request.",
+            model,
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.refusals = Counter(
+            "loom:refused_requests",
+            "Requests refused by status: 401 auth, 402 balance, 429 rate limit, 503 overload.",
+            ["status"],
+            registry=r,
+        )
         if stats is not None:
             r.register(_EngineCollector(model_name, stats))
 

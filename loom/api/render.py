@@ -85,8 +85,12 @@ def wire_message(choice: st.ChoiceResult, legacy_functions: bool) -> ChatMessage
     content = choice.text if choice.text or not calls else None
     if legacy_functions:  # answered as the legacy `functions` were asked: one `function_call`
         function_call = calls[0].function if calls else None
-        return ChatMessage(content=content, reasoning_content=choice.reasoning, reasoning=choice.reasoning, function_call=function_call)
-    return ChatMessage(content=content, reasoning_content=choice.reasoning, reasoning=choice.reasoning, tool_calls=calls)
+        return ChatMessage(
+            content=content, reasoning_content=choice.reasoning, reasoning=choice.reasoning, function_call=function_call
+        )
+    return ChatMessage(
+        content=content, reasoning_content=choice.reasoning, reasoning=choice.reasoning, tool_calls=calls
+    )
 
 
 def wire_delta(delta: st.ChoiceDelta) -> DeltaMessage:
@@ -135,6 +139,21 @@ def completion_response(
     )
 
 
+@dataclass(slots=True)
+class StreamProgress:
+    """A stream writer's running state: the usage its last delta reported (what the final usage
+    chunk shows), whether every delta was written (`complete`) or the stream failed in-band."""
+
+    usage: st.Usage = st.Usage(0, 0)
+    finish_reason: str | None = None  # the last one a choice reported
+    complete: bool = False
+    failed: bool = False
+
+    def seen(self, usage: st.Usage, finish_reason: str | None) -> None:
+        self.usage = usage
+        self.finish_reason = finish_reason or self.finish_reason
+
+
 @dataclass(frozen=True, slots=True)
 class ChunkOptions:
     include_usage: bool
@@ -148,15 +167,15 @@ class ChunkWriter:
 
     With `return_token_ids` the first chunk carries the prompt's ids and every content chunk its
     tokens' ids; `prompt_logprobs` ride on the chunk that carries choice 0's first tokens.
+    `progress` is the running state (usage so far, how it ended) for billing and metrics.
     """
 
     def __init__(self, request_id: str, model: str, created: int, options: ChunkOptions) -> None:
         self.request_id, self.model, self.created = request_id, model, created
         self.options = options
+        self.progress = StreamProgress()
 
-    def _sse(
-        self, choices: list[ChatCompletionStreamChoice], usage: st.Usage | None, **extra: Any
-    ) -> str:
+    def _sse(self, choices: list[ChatCompletionStreamChoice], usage: st.Usage | None, **extra: Any) -> str:
         chunk = ChatCompletionStreamResponse(
             id=self.request_id,
             created=self.created,
@@ -178,17 +197,20 @@ class ChunkWriter:
             role = ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
             first = index == 0 and opts.report.token_ids
             yield self._sse([role], start_usage, prompt_token_ids=list(prompt_token_ids) if first else None)
-        last_usage = st.Usage(prompt_tokens, 0)
+        progress = self.progress
+        progress.usage = st.Usage(prompt_tokens, 0)
         try:
             async for d in deltas:
-                last_usage = d.usage
+                progress.seen(d.usage, d.finish_reason)
                 if not (d.text or d.reasoning or d.tool_calls or d.token_ids) and d.finish_reason is None:
                     continue
                 choice = ChatCompletionStreamChoice(
                     index=d.index,
                     delta=wire_delta(d),
                     logprobs=wire_logprobs(d.logprobs),
-                    finish_reason=d.finish_reason if d.finish_reason is None else _finish_reason(d.finish_reason, opts.legacy_functions),
+                    finish_reason=d.finish_reason
+                    if d.finish_reason is None
+                    else _finish_reason(d.finish_reason, opts.legacy_functions),
                     stop_reason=d.stop_reason,
                     token_ids=list(d.token_ids) if opts.report.token_ids else None,
                 )
@@ -197,8 +219,10 @@ class ChunkWriter:
         except Exception as exc:  # the stream has started: the failure can only be told in-band
             if not isinstance(exc, EngineError):  # an engine failure is logged where it happened
                 log.exception("request %s: stream failed", self.request_id)
+            progress.failed = True
             message = f"The server had an error while processing request {self.request_id}."
             yield f"data: {json.dumps(error_envelope(message, 'server_error'))}\n\n"
+        progress.complete = not progress.failed
         if opts.include_usage:
-            yield self._sse([], last_usage)
+            yield self._sse([], progress.usage)
         yield "data: [DONE]\n\n"

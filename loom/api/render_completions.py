@@ -19,7 +19,7 @@ from loom.api.protocol_completions import (
     CompletionStreamChoice,
     CompletionStreamResponse,
 )
-from loom.api.render import SYSTEM_FINGERPRINT, ChunkOptions, wire_prompt_logprobs, wire_usage
+from loom.api.render import SYSTEM_FINGERPRINT, ChunkOptions, StreamProgress, wire_prompt_logprobs, wire_usage
 from loom.engine import EngineError
 from loom.serving import types as st
 from loom.serving.completion import CompletionDelta, CompletionResult, TokenScore
@@ -68,11 +68,13 @@ def completion_response(result: CompletionResult, model: str, report: st.ReportO
 
 
 class CompletionChunkWriter:
-    """Turns a stream of `CompletionDelta`s into SSE lines: one chunk per piece, then usage, [DONE]."""
+    """Turns a stream of `CompletionDelta`s into SSE lines: one chunk per piece, then usage, [DONE].
+    `progress` is the running state (usage so far, how it ended) for billing and metrics."""
 
     def __init__(self, request_id: str, model: str, created: int, options: ChunkOptions) -> None:
         self.request_id, self.model, self.created = request_id, model, created
         self.options = options
+        self.progress = StreamProgress()
         self._sent_chars: dict[int, int] = {}  # per choice: characters of text sent so far
 
     def _sse(self, choices: list[CompletionStreamChoice], usage: st.Usage | None) -> str:
@@ -102,18 +104,21 @@ class CompletionChunkWriter:
 
     async def write(self, deltas: AsyncIterator[CompletionDelta], prompt_tokens: int) -> AsyncIterator[str]:
         opts = self.options
-        last_usage = st.Usage(prompt_tokens, 0)
+        progress = self.progress
+        progress.usage = st.Usage(prompt_tokens, 0)
         try:
             async for d in deltas:
-                last_usage = d.usage
+                progress.seen(d.usage, d.finish_reason)
                 if not d.text and d.finish_reason is None and not d.token_ids and d.prompt_logprobs is None:
                     continue
                 yield self._sse([self._choice(d)], d.usage if opts.continuous_usage else None)
         except Exception as exc:  # the stream has started: the failure can only be told in-band
             if not isinstance(exc, EngineError):  # an engine failure is logged where it happened
                 log.exception("request %s: stream failed", self.request_id)
+            progress.failed = True
             message = f"The server had an error while processing request {self.request_id}."
             yield f"data: {json.dumps(error_envelope(message, 'server_error'))}\n\n"
+        progress.complete = not progress.failed
         if opts.include_usage:
-            yield self._sse([], last_usage)
+            yield self._sse([], progress.usage)
         yield "data: [DONE]\n\n"

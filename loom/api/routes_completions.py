@@ -1,17 +1,18 @@
 """`POST /v1/completions` (also `/v1/completions/` and `/api/v1/completions`): vLLM's completions route.
 
-Owns the route's edge flow, the same as chat's: model check, request limits (plus the number of
-prompts and the sequences they run), the one converter to serving's `CompletionRequest`, serving's
-refusals as 4xx, blocking or SSE streaming with disconnect -> abort, and `x-request-id`. Never samples.
+Owns the route's edge flow, the same as chat's: the platform's requirements in the signature
+(key, rate limits, load, hold; see `app`), model check, request limits (plus the number of prompts
+and the sequences they run), the one converter to serving's `CompletionRequest`, serving's
+refusals as 4xx, the hold once every prompt is counted, blocking or SSE streaming with disconnect
+-> abort, settlement (`metering`), and `x-request-id`. Never samples.
 """
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from collections.abc import AsyncGenerator
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -19,8 +20,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from loom.api.common import as_api_error, check_model, server_failed
 from loom.api.config import ServerConfig
 from loom.api.convert import _check_beam_search_fields, _sampling_params
+from loom.api.deps import AuthedKey, HoldMeter, LoadAdmission, RateLimits, check_model_allowed
 from loom.api.errors import InternalServerError, UnprocessableEntityError, unsupported_parameters
 from loom.api.limits import RequestLimits, enforce_limits
+from loom.api.metering import MeteredRun, estimate
+from loom.api.metrics import Metrics
 from loom.api.protocol_completions import CompletionRequest as WireCompletionRequest
 from loom.api.protocol_completions import prompts_of, unsupported_completion_fields
 from loom.api.protocol_response import random_id
@@ -29,23 +33,34 @@ from loom.api.render_completions import CompletionChunkWriter, completion_respon
 from loom.api.strict_json import StrictJSONRoute
 from loom.api.structured import structured_spec
 from loom.engine import EngineError
+from loom.platform import Estimate, RequestMeta
 from loom.serving import completion
 from loom.serving.chat import ChatService
 from loom.serving.completion import CompletionRequest, PreparedCompletion
 from loom.serving.types import ChatRequest, InvalidRequest, ReportOptions, SearchOptions, TemplateOptions
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 COMPLETIONS_PATHS = ("/v1/completions", "/v1/completions/", "/api/v1/completions")
 
 
-def completions_router(chat: ChatService, config: ServerConfig) -> APIRouter:
+def completions_router(chat: ChatService, config: ServerConfig, metrics: Metrics) -> APIRouter:
     router = APIRouter(route_class=StrictJSONRoute)  # routes keep their class when included
 
-    async def completions(body: WireCompletionRequest, request: Request) -> Response:
+    async def completions(
+        body: WireCompletionRequest,
+        request: Request,
+        key: AuthedKey,
+        _rate: RateLimits,
+        _load: LoadAdmission,
+        meter: HoldMeter,
+    ) -> Response:
         check_model(body.model, config)
+        check_model_allowed(key, body.model or config.model_name, aliases=config.served_model_names)
         enforce_limits(body, config.limits)
         req = to_completion_request(body, config.limits, request.headers.get("x-request-id"))
+        if key is not None:  # the prefix cache is shared only within one account
+            base = dataclasses.replace(req.base, cache_salt=key.cache_salt(req.base.cache_salt))
+            req = dataclasses.replace(req, base=base)
         if extra := sorted(body.model_extra or {}):  # the spec allows unknown fields; say which went unused
             log.warning(
                 "request %s: fields no spec page defines were accepted and not used: %s",
@@ -57,10 +72,16 @@ def completions_router(chat: ChatService, config: ServerConfig) -> APIRouter:
             prepared = await completion.prepare(chat, req)
         except InvalidRequest as exc:
             raise as_api_error(exc) from exc
+        await meter.admit(_estimate(prepared, chat.engine.max_model_len, config.model_name), _meta(req))
+        run = MeteredRun(meter, metrics.timer())
         if body.stream:
-            return _stream(chat, prepared, body, headers)
+            return _stream(chat, prepared, body, headers, run)
         try:
-            result = await _unless_disconnected(request, completion.complete(chat, prepared))
+            result = await run.blocking(
+                request,
+                completion.complete(chat, prepared, run.produced),
+                lambda r: (r.usage, r.choices[0].finish_reason if r.choices else None),
+            )
         except EngineError as exc:  # logged by the engine; the client learns only that it failed
             raise InternalServerError(server_failed(req.base.request_id), headers=headers) from exc
         if result is None:
@@ -142,8 +163,23 @@ def _check_prompt_count(body: WireCompletionRequest, num_prompts: int, limits: R
         )
 
 
+def _estimate(prepared: PreparedCompletion, max_model_len: int, model: str) -> Estimate:
+    """Every prompt's worst case; billed under the served model's first name."""
+    first = prepared.prompts[0].chat
+    lengths = [len(p.chat.prompt_ids) for p in prepared.prompts]
+    return estimate(model, lengths, first.sampling.max_tokens, first.req.num_candidates, max_model_len)
+
+
+def _meta(req: CompletionRequest) -> RequestMeta:
+    return RequestMeta(req.base.request_id, req.base.user)
+
+
 def _stream(
-    chat: ChatService, prepared: PreparedCompletion, body: WireCompletionRequest, headers: dict[str, str]
+    chat: ChatService,
+    prepared: PreparedCompletion,
+    body: WireCompletionRequest,
+    headers: dict[str, str],
+    run: MeteredRun,
 ) -> Response:
     opts, base = body.stream_options, prepared.req.base
     writer = CompletionChunkWriter(
@@ -158,24 +194,13 @@ def _stream(
     )
     prompt_tokens = sum(len(p.chat.prompt_ids) for p in prepared.prompts)
 
-    async def events() -> AsyncIterator[str]:
-        deltas = completion.stream(chat, prepared)
+    async def events() -> AsyncGenerator[str, None]:
+        deltas = completion.stream(chat, prepared, run.produced)
         try:
             async for line in writer.write(deltas, prompt_tokens):
                 yield line
         finally:  # a client that left cancels this generator: close the engine streams now
             await deltas.aclose()  # type: ignore[attr-defined]
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
-    """Runs `work`, cancelling it (which aborts its engine requests) if the client goes away."""
-    task = asyncio.ensure_future(work)
-    while not task.done():
-        done, _ = await asyncio.wait({task}, timeout=0.5)
-        if not done and await request.is_disconnected():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            return None
-    return task.result()
+    lines = run.stream(events(), writer.progress)
+    return StreamingResponse(lines, media_type="text/event-stream", headers=headers)

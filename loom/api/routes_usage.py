@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel
 
-from loom.api.deps import RequestLimits, platform_state, run_blocking
+from loom.api.deps import RateLimits, platform_state, run_blocking
 from loom.api.strict_json import StrictJSONRoute
 from loom.platform import UsageRecord
 from loom.platform.money import format_usd
@@ -67,7 +67,7 @@ def usage_router() -> APIRouter:
 
     async def list_usage(
         request: Request,
-        key: RequestLimits,
+        key: RateLimits,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         since: Annotated[int | None, Query(ge=0, le=2**33)] = None,
         before: Annotated[str | None, Query(min_length=1, max_length=64)] = None,

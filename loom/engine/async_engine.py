@@ -42,6 +42,18 @@ class RequestOutput:
     num_cached_tokens: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """A read-only snapshot for metrics and admission; the counters are cumulative since start."""
+
+    num_running: int  # requests in the running batch
+    num_waiting: int  # submitted, not yet running (the scheduler's queue and commands not yet applied)
+    kv_cache_usage: float  # 0..1: KV blocks held by requests
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens found
+    num_preemptions: int
+
+
 class EngineError(RuntimeError):
     """The core failed while running a request; the request is over, the engine keeps serving."""
 
@@ -69,6 +81,8 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._prefix_queries = 0
+        self._prefix_hits = 0
 
     def start_core(self) -> None:
         """Builds the core on its own thread and returns once it is ready (or raises why not).
@@ -126,6 +140,19 @@ class AsyncEngine:
     @property
     def num_active_requests(self) -> int:
         return len(self._streams)
+
+    def stats(self) -> EngineStats:
+        """Read on the event loop while the core thread runs: each number is current, the set is
+        not one atomic moment (enough for gauges and overload admission)."""
+        if self._core is None:
+            return EngineStats(0, len(self._streams), 0.0, 0, 0, 0)
+        sched = self._core.scheduler
+        num_running = len(sched.running)
+        kv_usage = 1.0 - sched.kv.num_free_blocks / max(sched.kv.pool.num_blocks, 1)
+        return EngineStats(
+            num_running, max(0, len(self._streams) - num_running), kv_usage,
+            self._prefix_queries, self._prefix_hits, sched.num_preemptions,
+        )  # fmt: skip
 
     async def generate(
         self,
@@ -217,6 +244,9 @@ class AsyncEngine:
             stream.queue.put_nowait(self._to_request_output(out, stream))
 
     def _to_request_output(self, out: CoreOutput, stream: _Stream) -> RequestOutput:
+        if stream.num_output_tokens == 0:  # the first output comes once the prompt is in the cache
+            self._prefix_queries += out.num_prompt_tokens
+            self._prefix_hits += out.num_cached_tokens
         stream.num_output_tokens += len(out.new_token_ids)
         text_ids = out.new_token_ids
         if out.ended_by_token and not stream.include_stop_token:

@@ -83,6 +83,11 @@ class BeamSearch:
         self._num_cached = 0
         self._prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
+    @property
+    def produced(self) -> tuple[int, int]:
+        """(tokens generated, prompt tokens cached) so far: what a search cancelled midway used."""
+        return self._num_generated, self._num_cached
+
     async def run(self) -> BeamSearchResult:
         live = [Beam((), 0.0, ())]
         done: list[Beam] = []

@@ -35,6 +35,7 @@ from loom.serving.prepare import (
     check_token_ids,
     engine_logprobs,
 )
+from loom.serving.produced import Produced
 from loom.serving.sampling import engine_params
 from loom.serving.types import ChatRequest, ChoiceDelta, InvalidRequest, LogprobEntry, PromptLogprobs, Usage
 from loom.tokenizer import Tokenizer
@@ -277,8 +278,9 @@ class _Shaper:
 # ---- running ---------------------------------------------------------------------------------
 
 
-async def complete(chat: ChatService, prep: PreparedCompletion) -> CompletionResult:
-    results = await _all([chat.complete(p.chat) for p in prep.prompts])
+async def complete(chat: ChatService, prep: PreparedCompletion, produced: Produced | None = None) -> CompletionResult:
+    """`produced` (optional) counts every prompt's engine outputs as they come (see `Produced`)."""
+    results = await _all([chat.complete(p.chat, produced) for p in prep.prompts])
     shaper = _Shaper(prep, chat.engine.tokenizer)
     choices = []
     for i, result in enumerate(results):
@@ -319,10 +321,12 @@ async def _all(works: Sequence[Awaitable[T]]) -> list[T]:
 _Item = tuple[int, ChoiceDelta] | BaseException | None
 
 
-async def stream(chat: ChatService, prep: PreparedCompletion) -> AsyncIterator[CompletionDelta]:
+async def stream(
+    chat: ChatService, prep: PreparedCompletion, produced: Produced | None = None
+) -> AsyncIterator[CompletionDelta]:
     """Yields every prompt's choices' pieces as they come; closing it aborts every unfinished run."""
     queue: asyncio.Queue[_Item] = asyncio.Queue()
-    tasks = [asyncio.create_task(_pump(i, chat.stream(p.chat), queue)) for i, p in enumerate(prep.prompts)]
+    tasks = [asyncio.create_task(_pump(i, chat.stream(p.chat, produced), queue)) for i, p in enumerate(prep.prompts)]
     merger = _StreamMerger(prep, _Shaper(prep, chat.engine.tokenizer))
     try:
         for _ in range(len(tasks)):

@@ -27,6 +27,7 @@ from loom.api.limits import RequestLimits
 from loom.api.server import server_config
 from loom.engine import AsyncEngine, EngineConfig, EngineError, build_engine
 from loom.models.default import DEFAULT_MODEL_HUB_ID, default_model_path
+from loom.platform import Platform
 
 MODEL = "SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 2048
@@ -76,15 +77,18 @@ def _wait_healthy(base_url: str, thread: threading.Thread) -> None:
 
 
 @contextmanager
-def serve(server_fields: dict[str, Any] | None = None, **engine_fields: Any) -> Iterator[LiveServer]:
+def serve(
+    server_fields: dict[str, Any] | None = None, platform: Platform | None = None, **engine_fields: Any
+) -> Iterator[LiveServer]:
     """Builds an engine of the default model (float32, `engine_fields` over the suite's defaults)
-    and serves it on a free port until the block ends; `server_fields` go to `ServerConfig`."""
+    and serves it on a free port until the block ends; `server_fields` go to `ServerConfig`,
+    `platform` (keys, billing, limits; None: off) to `create_app`."""
     server_fields = server_fields or {}
     model_path = str(default_model_path())
     fields: dict[str, Any] = {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "kv_cache_gib": 0.25, **engine_fields}
     engine = build_engine(EngineConfig(model_path=model_path, served_model_name=MODEL, **fields))
     server_fields = {"reasoning_parser": "qwen3", **server_fields}  # SmolLM2 thinks only when a test makes it
-    app = create_app(ServerConfig(served_model_names=(MODEL, DEFAULT_MODEL_HUB_ID), **server_fields), engine)
+    app = create_app(ServerConfig(served_model_names=(MODEL, DEFAULT_MODEL_HUB_ID), **server_fields), engine, platform)
     port = free_port()
     uv = uvicorn.Server(server_config(app, "127.0.0.1", port, app_limits(server_fields), "warning"))
     thread = threading.Thread(target=lambda: asyncio.run(uv.serve()), name=f"loom-e2e-server-{port}", daemon=True)

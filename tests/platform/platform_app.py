@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from loom.api.deps import AuthedKey, HoldMeter, LoadAdmission, RequestLimits, check_model_allowed, install_platform
+from loom.api.deps import AuthedKey, HoldMeter, LoadAdmission, RateLimits, check_model_allowed, install_platform
 from loom.api.errors import install_error_handlers, model_not_found
 from loom.api.metrics import Metrics, install_metrics
 from loom.api.routes_usage import usage_router
@@ -39,7 +39,7 @@ def platform_app(platform: Platform | None, num_waiting: Callable[[], int] = lam
 
     @app.post("/v1/work")
     async def work(
-        body: dict[str, Any], key: AuthedKey, _limits: RequestLimits, _load: LoadAdmission, meter: HoldMeter
+        body: dict[str, Any], key: AuthedKey, _rate: RateLimits, _load: LoadAdmission, meter: HoldMeter
     ) -> Any:
         if body["model"] not in MODELS:
             raise model_not_found(body["model"])
