@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +45,18 @@ def test_jwt_secret_from_the_environment_and_bad_flags(db_url: str) -> None:
         platform_from_args(_args("--db", db_url, "--jwt-public-key", "/nonexistent.pem"), environ={})
     with pytest.raises(ConnectionError, match="Redis"):
         platform_from_args(_args("--db", db_url, "--redis", "redis://127.0.0.1:1"), environ={})
+
+
+def test_loom_serve_refuses_an_open_public_bind_before_loading_the_model(tmp_path: Path) -> None:
+    """No key yet (or no platform at all) on 0.0.0.0: `loom serve` exits 2 at once, saying why."""
+    db = f"sqlite:///{tmp_path / 'loom.db'}"
+    for flags in (["--db", db], ["--no-platform"]):
+        cmd = [sys.executable, "-m", "loom.cli", "serve", "--host", "0.0.0.0", "--port", "9", *flags]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 2, done.stderr
+        assert "--allow-unauthenticated" in done.stderr and "loading" not in done.stdout
+    done = subprocess.run(
+        [sys.executable, "-m", "loom.cli", "serve", "--no-platform", "--db", db],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--db would be ignored" in done.stderr
