@@ -54,6 +54,7 @@ def completions_router(chat: ChatService, config: ServerConfig, metrics: Metrics
         _load: LoadAdmission,
         meter: HoldMeter,
     ) -> Response:
+        timer = metrics.timer()  # latencies count from arrival, as vLLM's do
         check_model(body.model, config)
         check_model_allowed(key, body.model or config.model_name, aliases=config.served_model_names)
         enforce_limits(body, config.limits)
@@ -73,7 +74,7 @@ def completions_router(chat: ChatService, config: ServerConfig, metrics: Metrics
         except InvalidRequest as exc:
             raise as_api_error(exc) from exc
         await meter.admit(_estimate(prepared, chat.engine.max_model_len, config.model_name), _meta(req))
-        run = MeteredRun(meter, metrics.timer())
+        run = MeteredRun(meter, timer)
         if body.stream:
             return _stream(chat, prepared, body, headers, run)
         try:
