@@ -2,7 +2,9 @@
 
 Owns the forward pass over one flattened batch of tokens from many requests. Projections are
 fused (q|k|v and gate|up) so one step issues few, large matmuls; attention is delegated to
-`attention.paged_attention`. Never schedules or samples.
+`attention.paged_attention`. A model is built either from `PreparedWeights` (each linear the
+module its `LinearMethod` builds; nothing initialized, copied or swapped after loading) or, for
+tests, randomly initialized with plain `nn.Linear`s. Never schedules or samples.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from torch import nn
 
 from loom.models.attention import AttentionMetadata, paged_attention
 from loom.models.config import ModelConfig
+from loom.models.linear import MAX_QUANTIZED_ROWS, dense_module, linear_method
+from loom.models.prepared import PreparedWeights
 
 
 class RotaryEmbedding:
@@ -35,18 +39,46 @@ class RotaryEmbedding:
         x.mul_(cos).addcmul_(rotated, signed_sin)
 
 
+class _RandomInit:
+    """Plain `nn.Linear`s with PyTorch's default init and norms of ones (random test models)."""
+
+    def linear(self, name: str, in_features: int, out_features: int) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=False)
+
+    def vector(self, name: str, size: int) -> nn.Parameter:
+        return nn.Parameter(torch.ones(size), requires_grad=False)
+
+
+class _FromPrepared:
+    """Modules over prepared tensors, each linear built by its method."""
+
+    def __init__(self, weights: PreparedWeights, dtype: torch.dtype, max_quantized_rows: int) -> None:
+        self.weights, self.dtype = weights, dtype
+        self.method = linear_method(weights.quantization, max_quantized_rows)
+
+    def linear(self, name: str, in_features: int, out_features: int) -> nn.Module:
+        return self.method.build(self.weights.linear(name), self.dtype)
+
+    def vector(self, name: str, size: int) -> nn.Parameter:
+        return nn.Parameter(self.weights.tensors[name], requires_grad=False)
+
+
+_Init = _RandomInit | _FromPrepared
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, init: _Init | None = None, prefix: str = "") -> None:
         super().__init__()
+        init = init or _RandomInit()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.eps = cfg.rms_norm_eps
-        self.input_norm = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
-        self.post_attn_norm = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
-        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=False)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.input_norm = init.vector(prefix + "input_norm", cfg.hidden_size)
+        self.post_attn_norm = init.vector(prefix + "post_attn_norm", cfg.hidden_size)
+        self.qkv_proj = init.linear(prefix + "qkv_proj", cfg.hidden_size, q_size + 2 * kv_size)
+        self.o_proj = init.linear(prefix + "o_proj", q_size, cfg.hidden_size)
+        self.gate_up_proj = init.linear(prefix + "gate_up_proj", cfg.hidden_size, 2 * cfg.intermediate_size)
+        self.down_proj = init.linear(prefix + "down_proj", cfg.intermediate_size, cfg.hidden_size)
         self.intermediate_size = cfg.intermediate_size
 
     def forward(
@@ -71,14 +103,38 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        weights: PreparedWeights | None = None,
+        max_quantized_rows: int = MAX_QUANTIZED_ROWS,
+    ) -> None:
+        """Built from `weights` in `dtype`; without them, randomly initialized float32 parameters (tests).
+
+        `max_quantized_rows`: the most rows a call may have to take a quantized method's own kernel.
+        """
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
-        self.norm = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        init: _Init = _RandomInit() if weights is None else _FromPrepared(weights, dtype, max_quantized_rows)
+        if weights is None:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        else:
+            self.embed_tokens = nn.Embedding.from_pretrained(weights.tensors["embed_tokens"], freeze=True)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, init, f"layers.{i}.") for i in range(cfg.num_layers))
+        self.norm = init.vector("norm", cfg.hidden_size)
+        self.lm_head = self._head(cfg, weights, dtype, max_quantized_rows)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, dtype)
+
+    def _head(
+        self, cfg: ModelConfig, weights: PreparedWeights | None, dtype: torch.dtype, max_quantized_rows: int
+    ) -> nn.Module:
+        if weights is None:
+            return nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        tensors = weights.linear("lm_head")
+        if not tensors:  # tied, and the dense head would equal the embedding: share it
+            return dense_module(self.embed_tokens.weight)
+        return linear_method(weights.head_quantization, max_quantized_rows).build(tensors, dtype)
 
     @torch.inference_mode()
     def forward(
@@ -96,24 +152,3 @@ class LlamaModel(nn.Module):
         hidden = hidden.index_select(0, logits_indices)
         hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.config.rms_norm_eps)
         return self.lm_head(hidden).float()
-
-    def load_hf_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copies HF-named tensors in, fusing q|k|v and gate|up."""
-        with torch.no_grad():
-            self.embed_tokens.weight.copy_(tensors["model.embed_tokens.weight"])
-            self.norm.copy_(tensors["model.norm.weight"])
-            head = tensors.get("lm_head.weight")
-            if head is None or self.config.tie_word_embeddings:
-                self.lm_head.weight = self.embed_tokens.weight
-            else:
-                self.lm_head.weight.copy_(head)
-            for i, layer in enumerate(self.layers):
-                p = f"model.layers.{i}."
-                layer.input_norm.copy_(tensors[p + "input_layernorm.weight"])
-                layer.post_attn_norm.copy_(tensors[p + "post_attention_layernorm.weight"])
-                attn = [tensors[p + f"self_attn.{n}_proj.weight"] for n in ("q", "k", "v")]
-                layer.qkv_proj.weight.copy_(torch.cat(attn, dim=0))
-                layer.o_proj.weight.copy_(tensors[p + "self_attn.o_proj.weight"])
-                mlp = [tensors[p + f"mlp.{n}_proj.weight"] for n in ("gate", "up")]
-                layer.gate_up_proj.weight.copy_(torch.cat(mlp, dim=0))
-                layer.down_proj.weight.copy_(tensors[p + "mlp.down_proj.weight"])

@@ -1,20 +1,23 @@
-"""One entry point from a model path to a config and tensors: `load_weights`.
+"""From a model path to a config and tensors: `load_weights`, and `load_sources` for model building.
 
 Owns dispatch by format (GGUF file or Hugging Face folder) and the contract every format meets:
 tensors named and shaped exactly as in Hugging Face's `LlamaForCausalLM` state dict, in the
-requested dtype, on CPU. Never builds modules, moves tensors to a device, or downloads anything.
+requested dtype, on CPU. `load_sources` keeps a GGUF file's values as the file has them (float32,
+or Q4_1 as 4-bit groups) for the linear methods to prepare. Never builds modules, moves tensors to
+a device, or downloads anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from loom.models.config import ModelConfig
-from loom.models.loader_gguf import load_gguf
+from loom.models.gguf_blocks import Q4Groups
+from loom.models.loader_gguf import load_gguf, read_gguf
 from loom.models.loader_hf import load_hf_folder
 
 _GGUF_MAGIC = b"GGUF"
@@ -36,19 +39,46 @@ def load_weights(
     Raises FileNotFoundError for a path that is not there and ValueError for anything Loom cannot
     load (format, architecture, quantization type, tensor set), each naming what is wrong.
     """
+    model_path = _existing_model_path(path, dtype)
+    if model_path.is_dir():
+        config, tensors = load_hf_folder(model_path, dtype, progress)
+    else:
+        config, tensors = load_gguf(model_path, dtype, progress)
+    check_llama_tensors(config, tensors)
+    return LoadedWeights(config=config, tensors=tensors)
+
+
+def load_sources(
+    path: str | Path,
+    dtype: torch.dtype,
+    progress: Callable[[int, int], None] | None = None,
+    keep_q4_1: bool = False,
+) -> tuple[ModelConfig, dict[str, torch.Tensor | Q4Groups]]:
+    """As `load_weights`, but a GGUF file's tensors stay float32 and, with `keep_q4_1`, Q4_1 ones stay 4-bit."""
+    model_path = _existing_model_path(path, dtype)
+    if model_path.is_dir():
+        config, hf_tensors = load_hf_folder(model_path, dtype, progress)
+        sources: dict[str, torch.Tensor | Q4Groups] = dict(hf_tensors)
+    else:
+        config, sources = read_gguf(model_path, progress, keep_q4_1)
+    check_llama_tensors(config, sources)
+    return config, sources
+
+
+def is_gguf_file(path: str | Path) -> bool:
+    model_path = Path(path).expanduser()
+    return model_path.is_file() and _is_gguf(model_path)
+
+
+def _existing_model_path(path: str | Path, dtype: torch.dtype) -> Path:
     if not dtype.is_floating_point:
         raise ValueError(f"weights load as a floating-point dtype, not {dtype}")
     model_path = Path(path).expanduser()
-    if model_path.is_dir():
-        config, tensors = load_hf_folder(model_path, dtype, progress)
-    elif model_path.is_file():
-        if not _is_gguf(model_path):
-            raise ValueError(f"{model_path} is not a GGUF file (expected a .gguf file or a HF folder)")
-        config, tensors = load_gguf(model_path, dtype, progress)
-    else:
+    if model_path.is_file() and not _is_gguf(model_path):
+        raise ValueError(f"{model_path} is not a GGUF file (expected a .gguf file or a HF folder)")
+    if not model_path.exists():
         raise FileNotFoundError(f"model path {model_path} does not exist")
-    check_llama_tensors(config, tensors)
-    return LoadedWeights(config=config, tensors=tensors)
+    return model_path
 
 
 def llama_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -75,7 +105,7 @@ def llama_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_llama_tensors(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
+def check_llama_tensors(config: ModelConfig, tensors: Mapping[str, torch.Tensor | Q4Groups]) -> None:
     """Raises ValueError unless `tensors` is exactly the set `llama_tensor_shapes` names."""
     expected = llama_tensor_shapes(config)
     missing = sorted(expected.keys() - tensors.keys())

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gguf import GGUFReader, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
 from loom.models.config import ModelConfig
+from loom.models.gguf_blocks import Q4Groups, float_values, q4_1_groups, q8_0_values
 
 SUPPORTED_ARCHITECTURES = frozenset({"llama"})
 
@@ -43,21 +44,29 @@ def load_gguf(
     path: Path, dtype: torch.dtype, progress: Callable[[int, int], None] | None = None
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Dequantizes every tensor of a GGUF file to `dtype`, named and laid out as in HF Llama."""
+    config, sources = read_gguf(path, progress, keep_q4_1=False)
+    return config, {name: _as_float(source).to(dtype) for name, source in sources.items()}
+
+
+def read_gguf(
+    path: Path, progress: Callable[[int, int], None] | None = None, keep_q4_1: bool = False
+) -> tuple[ModelConfig, dict[str, torch.Tensor | Q4Groups]]:
+    """Every tensor by HF name in HF layout: float32, or with `keep_q4_1` Q4_1 tensors as their 4-bit groups."""
     reader = GGUFReader(path)
     config = read_gguf_config(reader)
-    # Map every name before dequantizing anything, so an unsupported file fails in milliseconds.
+    # Map every name before decoding anything, so an unsupported file fails in milliseconds.
     named = [(gguf_to_hf_name(t.name), t) for t in reader.tensors]
-    tensors: dict[str, torch.Tensor] = {}
+    sources: dict[str, torch.Tensor | Q4Groups] = {}
     for done, (hf_name, gguf_tensor) in enumerate(named, start=1):
-        weight = _dequantize(gguf_tensor)
+        source = _decode(gguf_tensor, keep_q4_1)
         if hf_name.endswith("self_attn.q_proj.weight"):
-            weight = unpermute_rope_rows(weight, config.num_heads)
+            source = _unpermute(source, config.num_heads)
         elif hf_name.endswith("self_attn.k_proj.weight"):
-            weight = unpermute_rope_rows(weight, config.num_kv_heads)
-        tensors[hf_name] = weight.to(dtype)
+            source = _unpermute(source, config.num_kv_heads)
+        sources[hf_name] = source
         if progress is not None:
             progress(done, len(named))
-    return config, tensors
+    return config, sources
 
 
 def read_gguf_config(reader: GGUFReader) -> ModelConfig:
@@ -113,17 +122,42 @@ def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return per_pair.transpose(1, 2).reshape(weight.shape)
 
 
-def _dequantize(tensor: ReaderTensor) -> torch.Tensor:
-    """Float32 values in torch order ([rows, cols]: GGUF lists dims innermost first)."""
+def _unpermute(source: torch.Tensor | Q4Groups, num_heads: int) -> torch.Tensor | Q4Groups:
+    if isinstance(source, Q4Groups):
+        return source.map_rows(lambda t: unpermute_rope_rows(t, num_heads))
+    return unpermute_rope_rows(source, num_heads)
+
+
+def _as_float(source: torch.Tensor | Q4Groups) -> torch.Tensor:
+    return source.dequantize() if isinstance(source, Q4Groups) else source
+
+
+_FLOAT_TYPES = {
+    GGMLQuantizationType.F32: torch.float32,
+    GGMLQuantizationType.F16: torch.float16,
+    GGMLQuantizationType.BF16: torch.bfloat16,
+}
+
+
+def _decode(tensor: ReaderTensor, keep_q4_1: bool) -> torch.Tensor | Q4Groups:
+    """Float32 values (or Q4_1 groups) in torch order ([rows, cols]: GGUF lists dims innermost first)."""
+    dims = tuple(int(n) for n in reversed(tensor.shape))
+    kind = tensor.tensor_type
+    if kind in _FLOAT_TYPES:
+        return float_values(tensor.data, dims, _FLOAT_TYPES[kind])
+    if kind == GGMLQuantizationType.Q4_1 and len(dims) == 2:
+        groups = q4_1_groups(tensor.data, *dims)
+        return groups if keep_q4_1 else groups.dequantize()
+    if kind == GGMLQuantizationType.Q8_0 and len(dims) == 2:
+        return q8_0_values(tensor.data, *dims)
     try:
-        values = dequantize(tensor.data, tensor.tensor_type)
+        values = dequantize(tensor.data, kind)
     except NotImplementedError as exc:
-        raise ValueError(f"GGUF tensor {tensor.name!r} is {tensor.tensor_type.name}, which gguf cannot decode") from exc
-    shape = tuple(int(n) for n in reversed(tensor.shape))
+        raise ValueError(f"GGUF tensor {tensor.name!r} is {kind.name}, which gguf cannot decode") from exc
     # F32 comes back as a read-only view of the memory-mapped file; torch needs owned memory.
     if not values.flags.writeable:
         values = values.copy()
-    return torch.from_numpy(values).reshape(shape)
+    return torch.from_numpy(values).reshape(dims)
 
 
 def _required(reader: GGUFReader, key: str) -> Any:

@@ -1,0 +1,227 @@
+"""Linear layers chosen when the model is built: one `LinearMethod` per `--quantization` value.
+
+Owns how a weight is stored and multiplied: the methods, the modules they build, and the rule
+that picks a kernel per call. Never reads files (loaders do) or decides where tensors are cached.
+
+| method | stored | kernel |
+|---|---|---|
+| none | the weight in `dense_dtype` | oneDNN-packed bf16 where the CPU has native bf16, else `F.linear` |
+| int8 | int8 codes, one scale per output row, + a dense copy | `_weight_int8pack_mm` |
+| int4 | 4-bit codes, scale and zero per 32 values of a row, + a dense copy | `_weight_int4pack_mm_for_cpu` |
+
+A Q4_1 GGUF's blocks become int4 codes as they are (the same bits llama.cpp reads); a float
+weight is quantized. The output head of an int4 model stays dense (`head_quantization`). Weight-only kernels read 2-4x fewer bytes, which pays while a step is
+memory-bound (few rows) and costs once it is compute-bound, so `RowSwitchLinear` runs the
+quantized kernel for calls of at most `max_quantized_rows` rows and the dense copy above. The
+dense copy holds exactly the values the quantized kernel computes with (dequantized codes), so
+which kernel a step takes changes float rounding, never the weights.
+
+The split of work: `prepare` depends only on the file and the dtype (it is what the weight cache
+stores); `build` is cheap and machine-specific (oneDNN packing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loom.models.gguf_blocks import GROUP_SIZE, Q4Groups
+from loom.models.packed_linear import PackedLinear, can_pack, has_native_bf16
+
+QUANTIZATIONS = ("none", "int8", "int4")
+# Rows per call up to which a weight-only kernel beats the dense one; measured on SmolLM2's shapes
+# (2-core AVX2 guest, bf16 activations: int4 and int8 2-3x faster at 1-4 rows, even at 8,
+# slower from 16: see tests/models/test_linear.py and the issue notes).
+MAX_QUANTIZED_ROWS = 8
+
+WeightSource = torch.Tensor | Q4Groups
+
+
+def dense_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype dense matmuls run in: float32 for a bf16 model on a CPU without native bf16.
+
+    There bf16 matmuls are emulated: SmolLM2's linears take ~2x longer at 1 row and ~5x longer at
+    32 rows than in float32, so the dense copy is kept in float32 and activations are cast.
+    """
+    return torch.float32 if dtype == torch.bfloat16 and not has_native_bf16() else dtype
+
+
+def quantized_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The activation dtype of the weight-only kernels: bf16 for a float32 model too.
+
+    PyTorch's CPU int8 / int4 weight-only kernels are vectorized for bf16 activations; with float32
+    ones they ran ~15x slower on an AVX2 CPU. A float32 model's linears then round their inputs to
+    bf16 on quantized calls (as a bf16 model's do on every call) and keep float32 everywhere else.
+    """
+    return torch.bfloat16 if dtype == torch.float32 else dtype
+
+
+class LinearMethod(Protocol):
+    name: str
+
+    def prepare(self, source: WeightSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The tensors `build` needs, from a `[out, in]` weight; depends only on the weight and dtype."""
+        ...
+
+    def build(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+        """A module computing `x @ W.T` for `x` `[rows, in]` in `dtype`."""
+        ...
+
+
+class DenseLinear(nn.Module):
+    """`F.linear` on a weight stored in its compute dtype; activations are cast to it and back."""
+
+    weight: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight, persistent=False)  # [out, in] int8
+        self.register_buffer("scales", scales, persistent=False)  # [out], in the kernel's activation dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x.to(self.scales.dtype), self.qweight, self.scales).to(x.dtype)
+
+
+class Int4Linear(nn.Module):
+    qweight: torch.Tensor
+    scales_zeros: torch.Tensor
+
+    def __init__(self, qweight: torch.Tensor, scales_zeros: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight, persistent=False)  # [out, in / 2] uint8, the op's packed layout
+        self.register_buffer("scales_zeros", scales_zeros, persistent=False)  # [in / 32, out, 2]: w = (q - 8) * s + z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(self.scales_zeros.dtype), self.qweight, GROUP_SIZE, self.scales_zeros
+        )
+        return y.to(x.dtype)
+
+
+class RowSwitchLinear(nn.Module):
+    """The quantized kernel for calls of at most `max_rows` rows, the dense copy above."""
+
+    def __init__(self, quantized: nn.Module, dense: nn.Module, max_rows: int) -> None:
+        super().__init__()
+        self.quantized, self.dense, self.max_rows = quantized, dense, max_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantized(x) if x.shape[0] <= self.max_rows else self.dense(x)
+
+
+class DenseMethod:
+    name = "none"
+
+    def prepare(self, source: WeightSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        weight = source.dequantize() if isinstance(source, Q4Groups) else source
+        return {"weight": weight.to(dense_dtype(dtype)).contiguous()}
+
+    def build(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+        return dense_module(tensors["weight"])
+
+
+class Int8Method:
+    name = "int8"
+
+    def __init__(self, max_quantized_rows: int = MAX_QUANTIZED_ROWS) -> None:
+        self.max_quantized_rows = max_quantized_rows
+
+    def prepare(self, source: WeightSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        weight = (source.dequantize() if isinstance(source, Q4Groups) else source).float()
+        act = quantized_dtype(dtype)
+        scales = (weight.abs().amax(dim=1) / 127).to(act).clamp(min=torch.finfo(act).tiny)
+        codes = torch.round(weight / scales.float().unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+        dense = codes.float() * scales.float().unsqueeze(1)  # the values the int8 kernel multiplies by
+        return {"qweight": codes, "scales": scales, "weight": dense.to(dense_dtype(dtype))}
+
+    def build(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+        quantized = Int8Linear(tensors["qweight"], tensors["scales"])
+        return RowSwitchLinear(quantized, dense_module(tensors["weight"]), self.max_quantized_rows)
+
+
+class Int4Method:
+    name = "int4"
+
+    def __init__(self, max_quantized_rows: int = MAX_QUANTIZED_ROWS) -> None:
+        self.max_quantized_rows = max_quantized_rows
+
+    def prepare(self, source: WeightSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        groups = source if isinstance(source, Q4Groups) else quantize_q4(source)
+        rows, cols = groups.shape
+        # the kernel computes (code - 8) * scale + zero: Q4_1's code * d + m is zero = m + 8d
+        scales = groups.scales.to(quantized_dtype(dtype))
+        zeros = (groups.offsets + 8 * groups.scales).to(quantized_dtype(dtype))
+        scales_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()  # [cols / 32, rows, 2]
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(groups.codes.to(torch.int32), 1)
+        centred = groups.codes.view(rows, -1, GROUP_SIZE).float() - 8
+        dense = (centred * scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)).view(rows, cols)
+        return {"qweight": packed, "scales_zeros": scales_zeros, "weight": dense.to(dense_dtype(dtype))}
+
+    def build(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+        quantized = Int4Linear(tensors["qweight"], tensors["scales_zeros"])
+        return RowSwitchLinear(quantized, dense_module(tensors["weight"]), self.max_quantized_rows)
+
+
+def dense_module(weight: torch.Tensor) -> nn.Module:
+    return PackedLinear(weight) if can_pack(weight.dtype, weight.device) else DenseLinear(weight)
+
+
+def quantize_q4(weight: torch.Tensor) -> Q4Groups:
+    """Asymmetric 4-bit groups of 32 along each row (min and max of a group map to codes 0 and 15)."""
+    rows, cols = weight.shape
+    if cols % GROUP_SIZE:
+        raise ValueError(f"int4 needs rows of a multiple of {GROUP_SIZE} values, not {cols}")
+    groups = weight.float().view(rows, -1, GROUP_SIZE)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+    codes = torch.round((groups - low.unsqueeze(-1)) / scales.unsqueeze(-1)).clamp(0, 15).to(torch.uint8)
+    return Q4Groups(codes.view(rows, cols), scales, low)
+
+
+def linear_method(name: str, max_quantized_rows: int = MAX_QUANTIZED_ROWS) -> LinearMethod:
+    methods: dict[str, type[Int8Method] | type[Int4Method]] = {"int8": Int8Method, "int4": Int4Method}
+    if name not in methods and name != "none":
+        raise ValueError(f"unknown quantization {name!r}; choose one of {list(QUANTIZATIONS)}")
+    return DenseMethod() if name == "none" else methods[name](max_quantized_rows)
+
+
+def check_quantization(name: str) -> None:
+    if name != "auto" and name not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {name!r}; choose one of {[*QUANTIZATIONS, 'auto']}")
+
+
+def head_quantization(quantization: str) -> str:
+    """The output head's method: int4 models keep it dense, as llama.cpp's Q4 files keep it 8-bit or more.
+
+    Measured on SmolLM2 (teacher-forced against float32, tests/models/test_quantized_agreement.py):
+    int4 layers with a dense head KL 0.0003, with an int8 head 0.0014, with an int4 head 0.046.
+    """
+    return "none" if quantization == "int4" else quantization
+
+
+def resolve_quantization(requested: str, dtype: torch.dtype, weights_are_q4: bool) -> str:
+    """`auto`: int4 where the weights are already 4-bit (a Q4_1 GGUF file's linears), else none.
+
+    The int4 kernel then multiplies by the file's own 4-bit values (only their scales rounded to
+    bf16); int8 or int4 of float weights would round the weights themselves, which `auto` never does.
+    """
+    check_quantization(requested)
+    if requested != "auto":
+        return requested
+    return "int4" if dtype in (torch.bfloat16, torch.float32) and weights_are_q4 else "none"

@@ -1,0 +1,144 @@
+"""Linear methods: GGUF blocks decoded exactly, quantized kernels and their dense copies computing
+with the same weights, and the rule that picks one of them by the number of rows in a call."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+from torch import nn
+
+from loom.models.gguf_blocks import Q4Groups, q4_1_groups, q8_0_values
+from loom.models.linear import (
+    MAX_QUANTIZED_ROWS,
+    DenseLinear,
+    RowSwitchLinear,
+    dense_dtype,
+    linear_method,
+    quantize_q4,
+    resolve_quantization,
+)
+from loom.models.packed_linear import PackedLinear, can_pack, has_native_bf16
+
+OUT, IN = 96, 128  # multiples of the 32-value groups the quantized formats work in
+
+
+@pytest.fixture(scope="module")
+def weight() -> torch.Tensor:
+    return torch.randn(OUT, IN, generator=torch.Generator().manual_seed(0)) * 0.05
+
+
+@pytest.fixture(scope="module")
+def q4_1(weight: torch.Tensor) -> tuple[np.ndarray, Q4Groups]:
+    raw = quantize(weight.numpy(), GGMLQuantizationType.Q4_1)
+    return raw, q4_1_groups(raw, OUT, IN)
+
+
+def _rows(num_rows: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(num_rows, IN, generator=torch.Generator().manual_seed(num_rows)).to(dtype)
+
+
+def test_q4_1_and_q8_0_blocks_decode_to_ggufs_own_values(
+    weight: torch.Tensor, q4_1: tuple[np.ndarray, Q4Groups]
+) -> None:
+    raw, groups = q4_1
+    expected = torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q4_1).copy())
+    assert torch.equal(groups.dequantize(), expected)  # bit for bit: same float32 operations
+    assert groups.codes.dtype == torch.uint8 and int(groups.codes.max()) <= 15
+    raw8 = quantize(weight.numpy(), GGMLQuantizationType.Q8_0)
+    assert torch.equal(q8_0_values(raw8, OUT, IN), torch.from_numpy(dequantize(raw8, GGMLQuantizationType.Q8_0).copy()))
+
+
+def test_int4_from_q4_1_multiplies_by_the_files_values(q4_1: tuple[np.ndarray, Q4Groups]) -> None:
+    _, groups = q4_1
+    tensors = linear_method("int4").prepare(groups, torch.float32)
+    dense = tensors["weight"].float()
+    file_values = groups.dequantize()
+    # only the per-group scale and zero are rounded (to the kernel's bf16): well under a 4-bit step
+    step = groups.scales.repeat_interleave(32, dim=1)
+    assert float(((dense - file_values).abs() / step).max()) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_kernel_and_dense_copy_compute_with_the_same_weights(
+    weight: torch.Tensor, quantization: str, dtype: torch.dtype
+) -> None:
+    module = linear_method(quantization).build(linear_method(quantization).prepare(weight, dtype), dtype)
+    assert isinstance(module, RowSwitchLinear)
+    for num_rows in (1, 5, 40):
+        x = _rows(num_rows, dtype)
+        quantized, dense = module.quantized(x), module.dense(x)
+        assert quantized.dtype == dense.dtype == dtype
+        # the same weights, so only rounding differs: bf16 activations on the quantized kernel
+        exact = F.linear(x.float(), module.dense.weight.float())
+        scale = float(exact.abs().max())
+        assert float((dense.float() - exact).abs().max()) < 1e-2 * scale
+        assert float((quantized.float() - exact).abs().max()) < 1e-2 * scale
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantization_error_is_bounded(weight: torch.Tensor, quantization: str) -> None:
+    tensors = linear_method(quantization).prepare(weight, torch.float32)
+    error = (tensors["weight"].float() - weight).abs().max()
+    bound = weight.abs().max() / 127 if quantization == "int8" else (weight.max() - weight.min()) / 15
+    assert float(error) <= float(bound)  # half a step of the coarsest group, with room for bf16 scales
+
+
+def test_quantize_q4_maps_each_groups_range_onto_16_codes(weight: torch.Tensor) -> None:
+    groups = quantize_q4(weight)
+    assert int(groups.codes.min()) == 0 and int(groups.codes.max()) == 15
+    half_step = groups.scales.repeat_interleave(32, dim=1) / 2
+    assert bool(((groups.dequantize() - weight).abs() <= half_step * 1.0001).all())
+
+
+class _Constant(nn.Module):
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 1), self.value)
+
+
+def test_calls_up_to_the_threshold_take_the_quantized_kernel() -> None:
+    module = RowSwitchLinear(_Constant(1.0), _Constant(2.0), max_rows=MAX_QUANTIZED_ROWS)
+    for num_rows, expected in [(1, 1.0), (MAX_QUANTIZED_ROWS, 1.0), (MAX_QUANTIZED_ROWS + 1, 2.0), (512, 2.0)]:
+        assert float(module(torch.zeros(num_rows, 4))[0]) == expected, num_rows
+
+
+def test_dense_method_keeps_one_copy_in_the_dtype_matmuls_run_in(weight: torch.Tensor) -> None:
+    tensors = linear_method("none").prepare(weight, torch.bfloat16)
+    assert tensors.keys() == {"weight"} and tensors["weight"].dtype == dense_dtype(torch.bfloat16)
+    module = linear_method("none").build(tensors, torch.bfloat16)
+    out = module(_rows(3, torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert isinstance(module, PackedLinear if can_pack(torch.bfloat16, torch.device("cpu")) else DenseLinear)
+
+
+def test_bf16_matmuls_run_in_float32_where_the_cpu_has_no_native_bf16() -> None:
+    assert dense_dtype(torch.float32) == torch.float32
+    assert dense_dtype(torch.bfloat16) == (torch.bfloat16 if has_native_bf16() else torch.float32)
+
+
+def test_onednn_packing_is_offered_only_where_it_works(weight: torch.Tensor) -> None:
+    """On CPUs without AVX-512 oneDNN refuses to reorder bf16 weights; `loom serve` must not try."""
+    if not can_pack(torch.bfloat16, torch.device("cpu")):
+        assert not has_native_bf16()
+        return
+    w = weight.to(torch.bfloat16)
+    x = _rows(4, torch.bfloat16)
+    torch.testing.assert_close(PackedLinear(w)(x), F.linear(x, w))
+
+
+def test_auto_quantizes_only_weights_that_are_already_4_bit() -> None:
+    assert resolve_quantization("auto", torch.bfloat16, weights_are_q4=True) == "int4"
+    assert resolve_quantization("auto", torch.float32, weights_are_q4=True) == "int4"
+    assert resolve_quantization("auto", torch.bfloat16, weights_are_q4=False) == "none"
+    assert resolve_quantization("auto", torch.float16, weights_are_q4=True) == "none"
+    assert resolve_quantization("int8", torch.bfloat16, weights_are_q4=False) == "int8"
+    with pytest.raises(ValueError, match="int3"):
+        resolve_quantization("int3", torch.bfloat16, weights_are_q4=False)

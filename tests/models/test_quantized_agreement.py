@@ -1,0 +1,146 @@
+"""Quantized linears on the default model keep the output quality of the unquantized bf16 model.
+
+Reference: the float32 model's 64 greedy tokens after each of five chat prompts. Each variant is
+teacher-forced along those tokens (one prefill over prompt + reference tokens, the quantized
+kernels forced on every call) and scored by how often its top-1 token is the reference's and by
+the mean KL divergence from the reference's distribution. `auto` (int4 from the file's Q4_1
+blocks) must score as well as the unquantized bf16 model: better in a float32 model, within noise
+in a bf16 one. int8 (requantized from Q4_1) is measured for the record. Free-running greedy runs
+diverge after the first near-tie, so they are not what is asserted (the issue notes have them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from loom.engine.core import EngineCore
+from loom.engine.kv_cache import KVCacheManager
+from loom.engine.request import EngineRequest
+from loom.engine.runner import ModelRunner
+from loom.engine.sampling_params import SamplingParams
+from loom.engine.scheduler import Scheduler, SchedulerConfig
+from loom.models.attention import AttentionMetadata, PrefillSpan
+from loom.models.config import ModelConfig
+from loom.models.gguf_blocks import Q4Groups
+from loom.models.llama import LlamaModel
+from loom.models.loader import load_sources
+from loom.models.prepared import prepare_llama_weights
+from loom.tokenizer import load_tokenizer
+
+NUM_NEW_TOKENS = 64
+ALWAYS_QUANTIZED = 1 << 30  # a row limit no call reaches: every call takes the quantized kernel
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain how a bicycle works.",
+    "List three prime numbers and explain why each is prime.",
+    "Tell me a story about a dragon who loves tea.",
+]
+
+Sources = tuple[ModelConfig, dict[str, torch.Tensor | Q4Groups]]
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    top1: float  # share of positions whose argmax is the reference token
+    kl: float  # mean KL(reference || variant) in nats
+
+    def __str__(self) -> str:
+        return f"top-1 {self.top1:.3f}, KL {self.kl:.4f}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_intra_op_thread: None) -> None:
+    """See tests/conftest.py."""
+
+
+@pytest.fixture(scope="module")
+def prompts(model_path: Path) -> list[list[int]]:
+    tok = load_tokenizer(model_path)
+    chats = [[{"role": "user", "content": text}] for text in PROMPTS]
+    return [tok.encode(tok.hf.apply_chat_template(c, add_generation_prompt=True, tokenize=False)) for c in chats]
+
+
+@pytest.fixture(scope="module")
+def sources(model_path: Path) -> Sources:
+    return load_sources(model_path, torch.float32, keep_q4_1=True)
+
+
+@pytest.fixture(scope="module")
+def build(sources: Sources) -> Callable[[torch.dtype, str], LlamaModel]:
+    config, tensors = sources
+
+    def build(dtype: torch.dtype, quantization: str) -> LlamaModel:
+        weights = prepare_llama_weights(config, dict(tensors), quantization, dtype)
+        return LlamaModel(config, dtype, weights, max_quantized_rows=ALWAYS_QUANTIZED).eval()
+
+    return build
+
+
+def _forward_all(model: LlamaModel, ids: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Logits `[len(ids), vocab]` of one causal prefill over `ids`."""
+    cfg, n = model.config, len(ids)
+    kv = [torch.zeros(2 * cfg.num_kv_heads, n, cfg.head_dim, dtype=dtype) for _ in range(cfg.num_layers)]
+    meta = AttentionMetadata(torch.arange(n), 16, 0, None, None, (PrefillSpan(0, n, torch.arange(n), True),))
+    return model(torch.tensor(ids), torch.arange(n), kv, meta, torch.arange(n))
+
+
+def _greedy(model: LlamaModel, prompts: list[list[int]]) -> list[list[int]]:
+    """Every prompt's NUM_NEW_TOKENS greedy tokens, run batched through the engine core."""
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512), KVCacheManager(96, 16))
+    core = EngineCore(sched, ModelRunner(model, 96, 16, torch.float32), eos_token_id=None)
+    params = SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=0, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        core.add_request(EngineRequest(str(i), tuple(ids), params))
+    tokens: list[list[int]] = [[] for _ in prompts]
+    while core.has_work:
+        for out in core.step():
+            tokens[int(out.req_id)].extend(out.new_token_ids)
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def reference(
+    build: Callable[[torch.dtype, str], LlamaModel], prompts: list[list[int]]
+) -> list[tuple[list[int], torch.Tensor]]:
+    """Per prompt: the float32 model's greedy tokens and its log-probabilities at each of them."""
+    model = build(torch.float32, "none")
+    out = []
+    for ids, tokens in zip(prompts, _greedy(model, prompts), strict=True):
+        assert len(tokens) == NUM_NEW_TOKENS
+        logits = _forward_all(model, ids + tokens[:-1], torch.float32)[len(ids) - 1 :]
+        assert logits.argmax(-1).tolist() == tokens  # the engine's greedy run is this model's
+        out.append((tokens, logits.log_softmax(-1)))
+    return out
+
+
+def _score(model: LlamaModel, dtype: torch.dtype, prompts: list[list[int]], reference: list) -> Score:
+    hits, kl, count = 0, 0.0, 0
+    for ids, (tokens, ref_logprobs) in zip(prompts, reference, strict=True):
+        logprobs = _forward_all(model, ids + tokens[:-1], dtype)[len(ids) - 1 :].log_softmax(-1)
+        hits += int((logprobs.argmax(-1) == torch.tensor(tokens)).sum())
+        kl += float((ref_logprobs.exp() * (ref_logprobs - logprobs)).sum())
+        count += len(tokens)
+    return Score(hits / count, kl / count)
+
+
+def test_int4_from_q4_1_scores_as_well_as_the_unquantized_bf16_model(
+    build: Callable[[torch.dtype, str], LlamaModel], prompts: list[list[int]], reference: list
+) -> None:
+    variants = [(torch.bfloat16, "none"), (torch.bfloat16, "int4"), (torch.float32, "int4"), (torch.bfloat16, "int8")]
+    scores = {(d, q): _score(build(d, q), d, prompts, reference) for d, q in variants}
+    report = "; ".join(f"{str(d).removeprefix('torch.')} {q}: {s}" for (d, q), s in scores.items())
+    print(report)  # shown with `pytest -s`: the numbers behind the default
+    baseline = scores[(torch.bfloat16, "none")]
+    assert baseline.top1 > 0.9, report  # the harness itself: bf16 mostly agrees with float32
+    # float32 activations around int4 linears: closer to the reference than bf16 is
+    assert scores[(torch.float32, "int4")].top1 >= baseline.top1, report
+    assert scores[(torch.float32, "int4")].kl <= baseline.kl, report
+    # a bf16 model's int4: within noise of bf16 (320 positions: 0.02 is 6 tokens)
+    assert scores[(torch.bfloat16, "int4")].top1 >= baseline.top1 - 0.02, report
+    assert scores[(torch.bfloat16, "int4")].kl <= 1.5 * baseline.kl, report
