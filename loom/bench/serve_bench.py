@@ -18,7 +18,9 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -233,8 +235,25 @@ def run_bench(args: argparse.Namespace, stamp: str) -> int:
     return 1 if any(run.failed for run in runs) else 0
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through `running`, which stops the server it started
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return _run_command(args)
+    # A bench started in the background (`nohup ... &`) inherits SIGINT ignored, and SIGTERM would
+    # end it without stopping its server: both unwind instead, so no server outlives the bench.
+    previous = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _run_command(args)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_command(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if args.setup == "llama-server":
         path = llama_server.ensure(args.cache_dir or llama_server.default_cache_dir(), log)
