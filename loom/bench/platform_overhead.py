@@ -210,6 +210,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the servers (their own sessions)
     with tempfile.TemporaryDirectory(prefix="loom-platform-bench-") as tmp:
         workdir = Path(tmp)
         settings = [Setting("off", None), Setting("sqlite", f"sqlite:///{workdir / 'loom.db'}")]
