@@ -10,11 +10,17 @@ that picks a kernel per call. Never reads files (loaders do) or decides where te
 | int4 | 4-bit codes, scale and zero per 32 values of a row, + a dense copy | `_weight_int4pack_mm_for_cpu` |
 
 A Q4_1 GGUF's blocks become int4 codes as they are (the same bits llama.cpp reads); a float
-weight is quantized. The output head of an int4 model stays dense (`head_quantization`). Weight-only kernels read 2-4x fewer bytes, which pays while a step is
-memory-bound (few rows) and costs once it is compute-bound, so `RowSwitchLinear` runs the
-quantized kernel for calls of at most `max_quantized_rows` rows and the dense copy above. The
-dense copy holds exactly the values the quantized kernel computes with (dequantized codes), so
-which kernel a step takes changes float rounding, never the weights.
+weight is quantized. The output head of an int4 model stays dense (`head_quantization`).
+
+Weight-only kernels read 2-4x fewer bytes, which pays while a step is memory-bound (few rows)
+and costs once it is compute-bound, so quantized methods keep a dense copy too and
+`RowSwitchLinear` takes, per call, how many leading rows go to the quantized kernel: the model
+passes its decode rows when a step has at most `MAX_QUANTIZED_ROWS` of them, else none; prefill
+rows always take the dense copy. The dense copy holds exactly the values the quantized kernel
+computes with (dequantized codes), and both kernels give each row the same bits whatever the
+other rows are (oneDNN-packed dense, PyTorch's weight-only kernels; MKL's `F.linear` does not:
+one row goes through gemv), so a request's tokens depend on the batch it shares a step with
+only through the decode-row count crossing `MAX_QUANTIZED_ROWS`.
 
 The split of work: `prepare` depends only on the file and the dtype (it is what the weight cache
 stores); `build` is cheap and machine-specific (oneDNN packing).
@@ -33,10 +39,9 @@ from loom.models.gguf_blocks import GROUP_SIZE, Q4Groups
 from loom.models.packed_linear import PackedLinear, can_pack, has_native_bf16
 
 QUANTIZATIONS = ("none", "int8", "int4")
-# Rows per call up to which a weight-only kernel beats the dense one; measured on SmolLM2's shapes
-# (2-core AVX2 guest, bf16 activations: int4 and int8 2-3x faster at 1-4 rows, even at 8,
-# slower from 16: see tests/models/test_linear.py and the issue notes).
-MAX_QUANTIZED_ROWS = 8
+# Decode rows per step up to which the weight-only kernels beat the dense copy on SmolLM2's shapes
+# (2-core AVX2 guest, 1 thread: int4 2-3x faster at 1-4 rows, even at 16, 1.6x slower at 32).
+MAX_QUANTIZED_ROWS = 16
 
 WeightSource = torch.Tensor | Q4Groups
 
@@ -115,14 +120,23 @@ class Int4Linear(nn.Module):
 
 
 class RowSwitchLinear(nn.Module):
-    """The quantized kernel for calls of at most `max_rows` rows, the dense copy above."""
+    """A quantized kernel for the leading `num_quantized_rows` rows of a call, the dense copy for the rest."""
 
-    def __init__(self, quantized: nn.Module, dense: nn.Module, max_rows: int) -> None:
+    def __init__(self, quantized: nn.Module, dense: nn.Module) -> None:
         super().__init__()
-        self.quantized, self.dense, self.max_rows = quantized, dense, max_rows
+        self.quantized, self.dense = quantized, dense
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quantized(x) if x.shape[0] <= self.max_rows else self.dense(x)
+    def forward(self, x: torch.Tensor, num_quantized_rows: int = 0) -> torch.Tensor:
+        if num_quantized_rows >= x.shape[0]:
+            return self.quantized(x)
+        if num_quantized_rows <= 0:
+            return self.dense(x)
+        return torch.cat([self.quantized(x[:num_quantized_rows]), self.dense(x[num_quantized_rows:])])
+
+
+def apply_linear(module: nn.Module, x: torch.Tensor, num_quantized_rows: int) -> torch.Tensor:
+    """`module(x)`, telling a `RowSwitchLinear` how many leading rows may take its quantized kernel."""
+    return module(x, num_quantized_rows) if isinstance(module, RowSwitchLinear) else module(x)
 
 
 class DenseMethod:
@@ -139,9 +153,6 @@ class DenseMethod:
 class Int8Method:
     name = "int8"
 
-    def __init__(self, max_quantized_rows: int = MAX_QUANTIZED_ROWS) -> None:
-        self.max_quantized_rows = max_quantized_rows
-
     def prepare(self, source: WeightSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         weight = (source.dequantize() if isinstance(source, Q4Groups) else source).float()
         act = quantized_dtype(dtype)
@@ -151,15 +162,11 @@ class Int8Method:
         return {"qweight": codes, "scales": scales, "weight": dense.to(dense_dtype(dtype))}
 
     def build(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
-        quantized = Int8Linear(tensors["qweight"], tensors["scales"])
-        return RowSwitchLinear(quantized, dense_module(tensors["weight"]), self.max_quantized_rows)
+        return RowSwitchLinear(Int8Linear(tensors["qweight"], tensors["scales"]), dense_module(tensors["weight"]))
 
 
 class Int4Method:
     name = "int4"
-
-    def __init__(self, max_quantized_rows: int = MAX_QUANTIZED_ROWS) -> None:
-        self.max_quantized_rows = max_quantized_rows
 
     def prepare(self, source: WeightSource, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         groups = source if isinstance(source, Q4Groups) else quantize_q4(source)
@@ -175,7 +182,7 @@ class Int4Method:
 
     def build(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
         quantized = Int4Linear(tensors["qweight"], tensors["scales_zeros"])
-        return RowSwitchLinear(quantized, dense_module(tensors["weight"]), self.max_quantized_rows)
+        return RowSwitchLinear(quantized, dense_module(tensors["weight"]))
 
 
 def dense_module(weight: torch.Tensor) -> nn.Module:
@@ -194,11 +201,15 @@ def quantize_q4(weight: torch.Tensor) -> Q4Groups:
     return Q4Groups(codes.view(rows, cols), scales, low)
 
 
-def linear_method(name: str, max_quantized_rows: int = MAX_QUANTIZED_ROWS) -> LinearMethod:
-    methods: dict[str, type[Int8Method] | type[Int4Method]] = {"int8": Int8Method, "int4": Int4Method}
-    if name not in methods and name != "none":
+def linear_method(name: str) -> LinearMethod:
+    methods: dict[str, type[DenseMethod] | type[Int8Method] | type[Int4Method]] = {
+        "none": DenseMethod,
+        "int8": Int8Method,
+        "int4": Int4Method,
+    }
+    if name not in methods:
         raise ValueError(f"unknown quantization {name!r}; choose one of {list(QUANTIZATIONS)}")
-    return DenseMethod() if name == "none" else methods[name](max_quantized_rows)
+    return methods[name]()
 
 
 def check_quantization(name: str) -> None:

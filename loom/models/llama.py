@@ -15,7 +15,7 @@ from torch import nn
 
 from loom.models.attention import AttentionMetadata, paged_attention
 from loom.models.config import ModelConfig
-from loom.models.linear import MAX_QUANTIZED_ROWS, dense_module, linear_method
+from loom.models.linear import MAX_QUANTIZED_ROWS, apply_linear, dense_module, linear_method
 from loom.models.prepared import PreparedWeights
 
 
@@ -52,9 +52,9 @@ class _RandomInit:
 class _FromPrepared:
     """Modules over prepared tensors, each linear built by its method."""
 
-    def __init__(self, weights: PreparedWeights, dtype: torch.dtype, max_quantized_rows: int) -> None:
+    def __init__(self, weights: PreparedWeights, dtype: torch.dtype) -> None:
         self.weights, self.dtype = weights, dtype
-        self.method = linear_method(weights.quantization, max_quantized_rows)
+        self.method = linear_method(weights.quantization)
 
     def linear(self, name: str, in_features: int, out_features: int) -> nn.Module:
         return self.method.build(self.weights.linear(name), self.dtype)
@@ -88,18 +88,19 @@ class DecoderLayer(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
+        num_quantized_rows: int = 0,  # leading rows that may take a quantized kernel (see linear.py)
     ) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
+        num_tokens, nq = hidden.shape[0], num_quantized_rows
         x = F.rms_norm(hidden, (hidden.shape[-1],), self.input_norm, self.eps)
-        qkv = self.qkv_proj(x).view(num_tokens, -1, self.head_dim)  # [T, heads + 2*kv_heads, hd]
+        qkv = apply_linear(self.qkv_proj, x, nq).view(num_tokens, -1, self.head_dim)  # [T, heads + 2*kv_heads, hd]
         # q and k share one RoPE call: they are the leading heads of the fused projection
         rope.apply_(qkv[:, : self.num_heads + self.num_kv_heads], *cos_sin)
         q, kv_new = qkv[:, : self.num_heads], qkv[:, self.num_heads :]
         attn = paged_attention(q, kv_new, kv_cache, meta).reshape(num_tokens, -1)
-        hidden = hidden + self.o_proj(attn)
+        hidden = hidden + apply_linear(self.o_proj, attn, nq)
         x = F.rms_norm(hidden, (hidden.shape[-1],), self.post_attn_norm, self.eps)
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return hidden + self.down_proj(F.silu(gate) * up)
+        gate, up = apply_linear(self.gate_up_proj, x, nq).split(self.intermediate_size, dim=-1)
+        return hidden + apply_linear(self.down_proj, F.silu(gate) * up, nq)
 
 
 class LlamaModel(nn.Module):
@@ -112,29 +113,29 @@ class LlamaModel(nn.Module):
     ) -> None:
         """Built from `weights` in `dtype`; without them, randomly initialized float32 parameters (tests).
 
-        `max_quantized_rows`: the most rows a call may have to take a quantized method's own kernel.
+        `max_quantized_rows`: a step's decode rows take a quantized method's own kernel when there
+        are at most this many of them (linear.py); prefill rows always take the dense copy.
         """
         super().__init__()
         self.config = cfg
-        init: _Init = _RandomInit() if weights is None else _FromPrepared(weights, dtype, max_quantized_rows)
+        self.max_quantized_rows = max_quantized_rows
+        init: _Init = _RandomInit() if weights is None else _FromPrepared(weights, dtype)
         if weights is None:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         else:
             self.embed_tokens = nn.Embedding.from_pretrained(weights.tensors["embed_tokens"], freeze=True)
         self.layers = nn.ModuleList(DecoderLayer(cfg, init, f"layers.{i}.") for i in range(cfg.num_layers))
         self.norm = init.vector("norm", cfg.hidden_size)
-        self.lm_head = self._head(cfg, weights, dtype, max_quantized_rows)
+        self.lm_head = self._head(cfg, weights, dtype)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, dtype)
 
-    def _head(
-        self, cfg: ModelConfig, weights: PreparedWeights | None, dtype: torch.dtype, max_quantized_rows: int
-    ) -> nn.Module:
+    def _head(self, cfg: ModelConfig, weights: PreparedWeights | None, dtype: torch.dtype) -> nn.Module:
         if weights is None:
             return nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         tensors = weights.linear("lm_head")
         if not tensors:  # tied, and the dense head would equal the embedding: share it
             return dense_module(self.embed_tokens.weight)
-        return linear_method(weights.head_quantization, max_quantized_rows).build(tensors, dtype)
+        return linear_method(weights.head_quantization).build(tensors, dtype)
 
     @torch.inference_mode()
     def forward(
@@ -147,8 +148,11 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:  # [R, vocab] in float32
         hidden = self.embed_tokens(input_ids)
         cos_sin = self.rope.tables(positions)
+        nq = meta.num_decode_tokens if meta.num_decode_tokens <= self.max_quantized_rows else 0
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, self.rope, cos_sin, kv, meta)
+            hidden = layer(hidden, self.rope, cos_sin, kv, meta, nq)
         hidden = hidden.index_select(0, logits_indices)
         hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.config.rms_norm_eps)
-        return self.lm_head(hidden).float()
+        # the runner lists decode tokens' logits rows first, so they are the leading rows here too
+        head_nq = int((logits_indices < nq).sum()) if nq else 0
+        return apply_linear(self.lm_head, hidden, head_nq).float()

@@ -10,11 +10,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
-from gguf.quants import dequantize
+
+if TYPE_CHECKING:  # gguf costs ~0.15 s to import; a start from the weight cache never needs it
+    from gguf import GGUFReader, ReaderTensor
 
 from loom.models.config import ModelConfig
 from loom.models.gguf_blocks import Q4Groups, float_values, q4_1_groups, q8_0_values
@@ -52,6 +53,8 @@ def read_gguf(
     path: Path, progress: Callable[[int, int], None] | None = None, keep_q4_1: bool = False
 ) -> tuple[ModelConfig, dict[str, torch.Tensor | Q4Groups]]:
     """Every tensor by HF name in HF layout: float32, or with `keep_q4_1` Q4_1 tensors as their 4-bit groups."""
+    from gguf import GGUFReader
+
     reader = GGUFReader(path)
     config = read_gguf_config(reader)
     # Map every name before decoding anything, so an unsupported file fails in milliseconds.
@@ -132,19 +135,20 @@ def _as_float(source: torch.Tensor | Q4Groups) -> torch.Tensor:
     return source.dequantize() if isinstance(source, Q4Groups) else source
 
 
-_FLOAT_TYPES = {
-    GGMLQuantizationType.F32: torch.float32,
-    GGMLQuantizationType.F16: torch.float16,
-    GGMLQuantizationType.BF16: torch.bfloat16,
-}
-
-
 def _decode(tensor: ReaderTensor, keep_q4_1: bool) -> torch.Tensor | Q4Groups:
     """Float32 values (or Q4_1 groups) in torch order ([rows, cols]: GGUF lists dims innermost first)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    float_types = {
+        GGMLQuantizationType.F32: torch.float32,
+        GGMLQuantizationType.F16: torch.float16,
+        GGMLQuantizationType.BF16: torch.bfloat16,
+    }
     dims = tuple(int(n) for n in reversed(tensor.shape))
     kind = tensor.tensor_type
-    if kind in _FLOAT_TYPES:
-        return float_values(tensor.data, dims, _FLOAT_TYPES[kind])
+    if kind in float_types:
+        return float_values(tensor.data, dims, float_types[kind])
     if kind == GGMLQuantizationType.Q4_1 and len(dims) == 2:
         groups = q4_1_groups(tensor.data, *dims)
         return groups if keep_q4_1 else groups.dequantize()

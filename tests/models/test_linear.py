@@ -13,9 +13,9 @@ from torch import nn
 
 from loom.models.gguf_blocks import Q4Groups, q4_1_groups, q8_0_values
 from loom.models.linear import (
-    MAX_QUANTIZED_ROWS,
     DenseLinear,
     RowSwitchLinear,
+    apply_linear,
     dense_dtype,
     linear_method,
     quantize_q4,
@@ -67,14 +67,15 @@ def test_int4_from_q4_1_multiplies_by_the_files_values(q4_1: tuple[np.ndarray, Q
 def test_quantized_kernel_and_dense_copy_compute_with_the_same_weights(
     weight: torch.Tensor, quantization: str, dtype: torch.dtype
 ) -> None:
-    module = linear_method(quantization).build(linear_method(quantization).prepare(weight, dtype), dtype)
+    tensors = linear_method(quantization).prepare(weight, dtype)
+    module = linear_method(quantization).build(tensors, dtype)
     assert isinstance(module, RowSwitchLinear)
     for num_rows in (1, 5, 40):
         x = _rows(num_rows, dtype)
         quantized, dense = module.quantized(x), module.dense(x)
         assert quantized.dtype == dense.dtype == dtype
         # the same weights, so only rounding differs: bf16 activations on the quantized kernel
-        exact = F.linear(x.float(), module.dense.weight.float())
+        exact = F.linear(x.float(), tensors["weight"].float())
         scale = float(exact.abs().max())
         assert float((dense.float() - exact).abs().max()) < 1e-2 * scale
         assert float((quantized.float() - exact).abs().max()) < 1e-2 * scale
@@ -104,10 +105,29 @@ class _Constant(nn.Module):
         return torch.full((x.shape[0], 1), self.value)
 
 
-def test_calls_up_to_the_threshold_take_the_quantized_kernel() -> None:
-    module = RowSwitchLinear(_Constant(1.0), _Constant(2.0), max_rows=MAX_QUANTIZED_ROWS)
-    for num_rows, expected in [(1, 1.0), (MAX_QUANTIZED_ROWS, 1.0), (MAX_QUANTIZED_ROWS + 1, 2.0), (512, 2.0)]:
-        assert float(module(torch.zeros(num_rows, 4))[0]) == expected, num_rows
+def test_the_leading_rows_take_the_quantized_kernel_the_rest_the_dense_copy() -> None:
+    module = RowSwitchLinear(_Constant(1.0), _Constant(2.0))
+    x = torch.zeros(6, 4)
+    for num_quantized, expected in [(0, [2.0] * 6), (2, [1.0] * 2 + [2.0] * 4), (6, [1.0] * 6), (9, [1.0] * 6)]:
+        assert module(x, num_quantized).flatten().tolist() == expected, num_quantized
+    assert module(x).flatten().tolist() == [2.0] * 6  # a plain call is a prefill: dense
+    assert apply_linear(nn.Identity(), x, 3) is x  # modules without a quantized kernel ignore the count
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
+def test_each_row_gets_the_same_bits_whatever_rows_share_the_call(
+    weight: torch.Tensor, quantization: str, dtype: torch.dtype
+) -> None:
+    """What keeps a request's tokens independent of its batch: no kernel lets one row's result depend on others."""
+    method = linear_method(quantization)
+    module = method.build(method.prepare(weight, dtype), dtype)
+    kernels = [module.quantized, module.dense] if isinstance(module, RowSwitchLinear) else [module]
+    x = _rows(40, dtype)
+    for kernel in kernels:
+        alone = torch.cat([kernel(x[i : i + 1]) for i in range(len(x))])
+        for num_rows in (2, 3, 5, 17, 40):
+            assert torch.equal(kernel(x[:num_rows]), alone[:num_rows]), (type(kernel).__name__, num_rows)
 
 
 def test_dense_method_keeps_one_copy_in_the_dtype_matmuls_run_in(weight: torch.Tensor) -> None:
@@ -116,7 +136,9 @@ def test_dense_method_keeps_one_copy_in_the_dtype_matmuls_run_in(weight: torch.T
     module = linear_method("none").build(tensors, torch.bfloat16)
     out = module(_rows(3, torch.bfloat16))
     assert out.dtype == torch.bfloat16
-    assert isinstance(module, PackedLinear if can_pack(torch.bfloat16, torch.device("cpu")) else DenseLinear)
+    assert isinstance(
+        module, PackedLinear if can_pack(dense_dtype(torch.bfloat16), torch.device("cpu")) else DenseLinear
+    )
 
 
 def test_bf16_matmuls_run_in_float32_where_the_cpu_has_no_native_bf16() -> None:
