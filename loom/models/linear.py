@@ -39,9 +39,11 @@ from loom.models.gguf_blocks import GROUP_SIZE, Q4Groups
 from loom.models.packed_linear import PackedLinear, can_pack, has_native_bf16
 
 QUANTIZATIONS = ("none", "int8", "int4")
-# Decode rows per step up to which the weight-only kernels beat the dense copy on SmolLM2's shapes
-# (2-core AVX2 guest, 1 thread: int4 2-3x faster at 1-4 rows, even at 16, 1.6x slower at 32).
-MAX_QUANTIZED_ROWS = 16
+# Decode rows per step up to which a step is faster with the weight-only kernels: SmolLM2, float32
+# model with int4 linears vs oneDNN float32, 2-core AVX2 guest (whole decode step, best of 7):
+# 2 threads 31 vs 51 ms at 1 row, 54 vs 60 at 4, 90 vs 86 at 8, 119 vs 103 at 12; 1 thread wins
+# up to 8 rows (130 vs 147 ms) and loses from 10.
+MAX_QUANTIZED_ROWS = 8
 
 WeightSource = torch.Tensor | Q4Groups
 

@@ -9,6 +9,8 @@ tests, randomly initialized with plain `nn.Linear`s. Never schedules or samples.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +18,7 @@ from torch import nn
 from loom.models.attention import AttentionMetadata, paged_attention
 from loom.models.config import ModelConfig
 from loom.models.linear import MAX_QUANTIZED_ROWS, apply_linear, dense_module, linear_method
-from loom.models.prepared import PreparedWeights
+from loom.models.prepared import LINEAR_NAMES, PreparedWeights
 
 
 class RotaryEmbedding:
@@ -50,14 +52,23 @@ class _RandomInit:
 
 
 class _FromPrepared:
-    """Modules over prepared tensors, each linear built by its method."""
+    """Modules over prepared tensors, each decoder linear built by its method, all built up front.
+
+    Building is mostly oneDNN reordering (a copy of every dense weight, ~1 s for SmolLM2's float32
+    copies on a busy 2-core machine): the reorders release the GIL, so one worker per torch thread
+    halves it.
+    """
 
     def __init__(self, weights: PreparedWeights, dtype: torch.dtype) -> None:
         self.weights, self.dtype = weights, dtype
-        self.method = linear_method(weights.quantization)
+        method = linear_method(weights.quantization)
+        names = [f"layers.{i}.{n}" for i in range(weights.config.num_layers) for n in LINEAR_NAMES]
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            built = pool.map(lambda name: method.build(weights.linear(name), dtype), names)
+            self.linears = dict(zip(names, built, strict=True))
 
     def linear(self, name: str, in_features: int, out_features: int) -> nn.Module:
-        return self.method.build(self.weights.linear(name), self.dtype)
+        return self.linears[name]
 
     def vector(self, name: str, size: int) -> nn.Parameter:
         return nn.Parameter(self.weights.tensors[name], requires_grad=False)
