@@ -19,6 +19,7 @@ import importlib.util
 import os
 import platform
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -191,10 +192,27 @@ def environment() -> dict[str, Any]:
             versions[name] = None
     flags = llama_server.cpu_flags()
     return {
+        "loom_source": source_revision(),
         "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
         "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")),
         "load_average_at_start": str(read_loadavg()), **versions,
     }  # fmt: skip
+
+
+def source_revision() -> str | None:
+    """The git commit of the Loom being measured, `+dirty` when its tree has uncommitted edits:
+    a number is only worth what the code behind it was."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "loom"], cwd=root, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None  # an installed package, not a checkout
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def load_tokenizer(model: str) -> Any:
@@ -213,6 +231,7 @@ def run_bench(args: argparse.Namespace, stamp: str) -> int:
         return 1
     tokenizer = load_tokenizer(args.model)
     env = environment()
+    log(f"loom source {env['loom_source']}, load average {env['load_average_at_start']}")
     runs = []
     for spec in plan.targets:
         if spec.kind == "hf":
