@@ -49,6 +49,12 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         help="weights, activations and KV cache dtype; auto: bfloat16 where the CPU has AVX-512 (oneDNN's "
         "bf16 kernels need it), else float32",
     )
+    p.add_argument(
+        "--quantization", choices=["auto", "none", "int8", "int4"], default="none",
+        help="weight-only quantized linears for steps of few rows (a dense copy serves larger steps); "
+        "auto: int4 where the file's linears are Q4_1, else none. Prepared weights are cached in "
+        "$LOOM_CACHE_DIR (default ~/.cache/loom; empty: no cache), keyed by the file, so a restart is quick",
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one running batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step (chunked prefill)")
@@ -62,6 +68,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument(
         "--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
         help="stop sharing KV blocks of equal prompt prefixes between requests (prefix caching on: %(default)s)",
+    )
+    p.add_argument(
+        "--no-grammar-fast-forward", dest="grammar_fast_forward", action="store_false",
+        help="sample every token of a constrained answer, also those its grammar forces (by default they are "
+        "appended in one step without sampling, counted in the metric loom:grammar_forced_tokens)",
     )
     p.add_argument(
         "--trust-request-chat-template", action="store_true",
@@ -178,6 +189,7 @@ def _load_engine(args: argparse.Namespace) -> tuple[AsyncEngine, tuple[str, ...]
 
     from loom.engine import EngineConfig, build_engine
     from loom.models.default import default_model_path, served_model_names
+    from loom.models.weight_cache import default_cache_dir
 
     model_path = str(args.model or default_model_path())
     names = tuple(args.served_model_name or served_model_names(model_path))
@@ -194,8 +206,11 @@ def _load_engine(args: argparse.Namespace) -> tuple[AsyncEngine, tuple[str, ...]
         num_threads=args.threads,
         scheduling_policy=args.scheduling_policy,
         enable_prefix_caching=args.enable_prefix_caching,
+        grammar_fast_forward=args.grammar_fast_forward,
+        quantization=args.quantization,
+        weight_cache_dir=default_cache_dir(),
     )
-    print(f"loom: loading {names[0]} from {model_path} ({dtype})", flush=True)
+    print(f"loom: loading {names[0]} from {model_path} ({dtype}, quantization {args.quantization})", flush=True)
     with tqdm(total=0, desc="loading weights", unit="tensor", file=sys.stderr) as bar:
 
         def progress(done: int, total: int) -> None:

@@ -119,6 +119,12 @@ class _EngineCollector(Collector):
                 CounterMetricFamily,
             ),
             ("vllm:num_preemptions", "Requests preempted by the scheduler.", s.num_preemptions, CounterMetricFamily),
+            (
+                "loom:grammar_forced_tokens",
+                "Tokens appended by grammar fast-forward without a sampling step.",
+                s.num_forced_tokens,
+                CounterMetricFamily,
+            ),
         ):
             metric = family(name, doc, labels=["model_name"])
             metric.add_metric(label, value)

@@ -91,8 +91,10 @@ def comparison_table(runs: Sequence[TargetRun], reference: str) -> str:
 def scenario_summary(s: ScenarioResult) -> str:
     v = s.values
     if s.name == "json-schema":
-        return (f"valid {v['valid']}/{v['requests']} ({v['validated_with']}), stop {v['finished_stop']}; "
-                f"long keys {cell(v['long_keys_req_s'], '.2f')} req/s, valid {v['long_keys_valid']}")  # fmt: skip
+        return (f"valid {v['valid']}/{v['requests']} ({v['validated_with']}), stop {v['finished_stop']}, "
+                f"forced {cell(v.get('forced_tokens'), ',.0f')}/{v.get('output_tokens')} tokens; "
+                f"long keys {cell(v['long_keys_req_s'], '.2f')} req/s, valid {v['long_keys_valid']}, "
+                f"forced {cell(v.get('long_keys_forced_tokens'), ',.0f')}/{v.get('long_keys_output_tokens')} tokens")  # fmt: skip
     if s.name == "tools-required":
         share = cell(v["valid_share"], ".1%")
         return (f"calls valid {v['valid_calls']}/{v['calls']} = {share} ({v['validated_with']}); "
@@ -116,6 +118,19 @@ def scenario_table(scenarios: Sequence[ScenarioResult]) -> str:
     return grid(rows)
 
 
+def fast_forward_lines(scenarios: Sequence[ScenarioResult]) -> list[str]:
+    """Long-keys requests/s of targets with fast-forward (tokens forced) over those without (none)."""
+    runs = [s for s in scenarios if s.name == "json-schema" and s.values.get("long_keys_forced_tokens") is not None]
+    on = [s for s in runs if s.values["long_keys_forced_tokens"] > 0]
+    off = [s for s in runs if s.values["long_keys_forced_tokens"] == 0]
+    return [
+        f"fast-forward: long keys {a.target} {cell(a.values['long_keys_req_s'], '.2f')} req/s vs {b.target} "
+        f"{cell(b.values['long_keys_req_s'], '.2f')} req/s without = {cell(ratio(a.values['long_keys_req_s'], b.values['long_keys_req_s']), '.2f')}x"
+        for a in on
+        for b in off
+    ]
+
+
 def report_lines(runs: Sequence[TargetRun], reference: str) -> list[str]:
     lines = ["", phase_table([p for run in runs for p in run.phases])]
     if len(runs) > 1:
@@ -124,6 +139,7 @@ def report_lines(runs: Sequence[TargetRun], reference: str) -> list[str]:
     if scenarios:
         lines += ["", scenario_table(scenarios)]
         lines += [f"{s.target} {s.name}: {note}" for s in scenarios for note in s.notes]
+        lines += fast_forward_lines(scenarios)
     for run in runs:
         if run.ready_s is not None:
             lines.append(f"{run.name}: start to ready {run.ready_s:.1f}s")

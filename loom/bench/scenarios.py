@@ -121,6 +121,28 @@ def check_json(text: str, schema: dict[str, Any], validator: Validator | None) -
     return validator(instance, schema) if validator is not None else True
 
 
+_FORCED_METRIC = re.compile(r"^loom:grammar_forced_tokens_total(?:\{[^}]*\})? ([0-9.e+]+)$", re.MULTILINE)
+
+
+async def forced_tokens(client: httpx.AsyncClient) -> float | None:
+    """Loom's count of tokens appended by grammar fast-forward so far (`/metrics`), None elsewhere."""
+    try:
+        response = await client.get("/metrics")
+    except httpx.HTTPError:
+        return None
+    found = _FORCED_METRIC.search(response.text) if response.status_code == 200 else None
+    return float(found.group(1)) if found else None
+
+
+async def _counting_forced(
+    ctx: ScenarioContext, name: str, bodies: list[dict[str, Any]]
+) -> tuple[PhaseResult, list[RequestRecord], int | None]:
+    before = await forced_tokens(ctx.client)
+    run, records = await _measure(ctx, name, bodies)
+    after = await forced_tokens(ctx.client)
+    return run, records, None if before is None or after is None else int(after - before)
+
+
 def fast_forward_switch(help_text: str) -> str | None:
     """The `loom serve` flag that turns grammar fast-forward on or off, if its help lists one."""
     found = _FAST_FORWARD_FLAG.search(help_text)
@@ -185,7 +207,7 @@ async def json_schema(ctx: ScenarioContext) -> ScenarioResult:
     bodies = [
         _constrained_body(ctx, r, ask, _schema_format("record", RECORD_SCHEMA)) for r in _requests(ctx, "json-schema")
     ]
-    run, records = await _measure(ctx, "json-schema", bodies)
+    run, records, forced = await _counting_forced(ctx, "json-schema", bodies)
     ok = [r for r in records if r.ok]
     notes = (
         [] if validator else ["jsonschema is not installed (pip install 'loom[bench]'): outputs only parsed as JSON"]
@@ -195,7 +217,8 @@ async def json_schema(ctx: ScenarioContext) -> ScenarioResult:
         "requests": len(records), "finish_reasons": finish_reasons(records),
         "finished_stop": sum(r.finish_reason == "stop" for r in ok),
         "valid": sum(check_json(r.text, RECORD_SCHEMA, validator) for r in ok),
-        "validated_with": "jsonschema" if validator else "json.loads",
+        "validated_with": "jsonschema" if validator else "json.loads", "forced_tokens": forced,
+        "output_tokens": sum(r.output_tokens for r in ok),
     }  # fmt: skip
     long_bodies = [
         _constrained_body(
@@ -203,17 +226,17 @@ async def json_schema(ctx: ScenarioContext) -> ScenarioResult:
         )
         for r in _requests(ctx, "long-keys")
     ]
-    long_run, long_records = await _measure(ctx, "json-schema long keys", long_bodies)
+    long_run, long_records, long_forced = await _counting_forced(ctx, "json-schema long keys", long_bodies)
     values["long_keys_req_s"] = long_run.req_s
+    values["long_keys_forced_tokens"] = long_forced
+    values["long_keys_output_tokens"] = sum(r.output_tokens for r in long_records if r.ok)
     values["long_keys_valid"] = sum(check_json(r.text, LONG_KEYS_SCHEMA, validator) for r in long_records if r.ok)
     values["long_keys_finish_reasons"] = finish_reasons(long_records)
-    switch = fast_forward_switch(loom_serve_help()) if ctx.target.kind == "loom" else None
-    values["fast_forward_switch"] = switch
-    if switch is None:
-        notes.append("fast-forward on/off: not available (`loom serve --help` shows no fast-forward switch)"
-                     if ctx.target.kind == "loom" else "fast-forward on/off: only known for a loom target")  # fmt: skip
-    else:
-        notes.append(f"fast-forward switch {switch} exists: run two loom targets, with and without it, to compare")
+    if ctx.target.kind == "loom":
+        switch = fast_forward_switch(loom_serve_help())
+        values["fast_forward_switch"] = switch
+        notes.append(f"fast-forward on/off: add a target NAME=loom:{switch} to compare" if switch
+                     else "fast-forward on/off: not available (`loom serve --help` shows no fast-forward switch)")  # fmt: skip
     samples = examples(records) + examples(long_records)
     return ScenarioResult("json-schema", ctx.target.name, run, plain, values, tuple(notes), (long_run,), samples)
 

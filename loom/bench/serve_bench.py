@@ -40,7 +40,10 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HF_DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_SCENARIOS = ("penalties", "prefix-cache")  # unless --skip-extras or --scenario says otherwise
 SERVER_ARG_HELP = "extra `loom serve` args, shell-split (repeatable): --server-arg='--flag value'"
-TARGET_HELP = "loom, llama-server, vllm, hf, or NAME=URL of any OpenAI-compatible server (repeatable, run in order)"
+TARGET_HELP = (
+    "loom, llama-server, vllm, hf, NAME=URL of any OpenAI-compatible server, or NAME=loom:ARGS for another "
+    "Loom with its own serve arguments (repeatable, run in order)"
+)
 
 
 def log(message: str) -> None:

@@ -30,6 +30,7 @@ class TargetSpec:
     name: str
     kind: str  # one of MANAGED_KINDS, or URL_KIND for a server someone else runs
     url: str | None = None
+    args: tuple[str, ...] = ()  # a managed loom target's own `loom serve` arguments, shell-quoted strings
 
     @property
     def is_http(self) -> bool:
@@ -37,8 +38,14 @@ class TargetSpec:
 
 
 def parse_target(text: str) -> TargetSpec:
-    """`loom`, `llama-server`, `vllm`, `hf`, or `NAME=URL` (`peer=http://10.0.0.2:8080/v1`)."""
+    """`loom`, `llama-server`, `vllm`, `hf`, `NAME=URL` (`peer=http://10.0.0.2:8080/v1`), or
+    `NAME=loom:ARGS`, a second managed Loom with its own serve arguments (`noff=loom:--no-grammar-fast-forward`)."""
     name, sep, url = text.partition("=")
+    kind, colon, args = url.partition(":")
+    if sep and kind == "loom":
+        if not name:
+            raise argparse.ArgumentTypeError(f"expected NAME=loom:ARGS, got {text!r}")
+        return TargetSpec(name, "loom", args=(args,) if colon else ())
     if sep:
         if not name or not url.startswith(("http://", "https://")):
             raise argparse.ArgumentTypeError(f"expected NAME=http://host:port, got {text!r}")
@@ -100,7 +107,7 @@ def vllm_command(python: Path, settings: LaunchSettings, port: int) -> list[str]
 
 def managed_command(spec: TargetSpec, settings: LaunchSettings, port: int, log: Log) -> list[str]:
     if spec.kind == "loom":
-        return server_command(settings.model, settings.dtype, port, settings.loom_args)
+        return server_command(settings.model, settings.dtype, port, (*settings.loom_args, *spec.args))
     if spec.kind == "llama-server":
         return llama_server_command(llama_server.ensure(settings.cache_dir, log), settings, port)
     if spec.kind == "vllm":

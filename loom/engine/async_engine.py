@@ -52,6 +52,7 @@ class EngineStats:
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int  # of those, tokens found
     num_preemptions: int
+    num_forced_tokens: int = 0  # tokens grammar fast-forward appended without sampling
 
 
 class EngineError(RuntimeError):
@@ -151,7 +152,7 @@ class AsyncEngine:
         kv_usage = 1.0 - sched.kv.num_free_blocks / max(sched.kv.pool.num_blocks, 1)
         return EngineStats(
             num_running, max(0, len(self._streams) - num_running), kv_usage,
-            self._prefix_queries, self._prefix_hits, sched.num_preemptions,
+            self._prefix_queries, self._prefix_hits, sched.num_preemptions, self._core.num_forced_tokens,
         )  # fmt: skip
 
     async def generate(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,6 +23,8 @@ class EngineConfig:
     num_threads: int | None = None  # None = every core
     scheduling_policy: str = "fcfs"  # "fcfs" | "priority" (lower `priority` value served first)
     enable_prefix_caching: bool = True  # share full KV blocks across requests by content hash
+    quantization: str = "none"  # linear layers: "none" | "int8" | "int4" | "auto" (loom.models.linear)
+    weight_cache_dir: Path | None = None  # prepared weights read from / written to here (loom.models.weight_cache)
     grammar_fast_forward: bool = True  # append the tokens a grammar forces without sampling each one
 
     @property

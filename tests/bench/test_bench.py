@@ -24,11 +24,14 @@ from test_soak import serve_toy
 from toy_engine import ToyEngine
 
 from loom.bench import report, serve_bench
+from loom.bench.burst import burst_bodies
 from loom.bench.client import Progress, api_root
 from loom.bench.llama_server import needs_no_repack
+from loom.bench.report import fast_forward_lines
+from loom.bench.results import ScenarioResult
 from loom.bench.scenarios import fast_forward_switch
 from loom.bench.stats import parse_loadavg, percentile, summarize
-from loom.bench.targets import LaunchSettings, llama_server_command, parse_target
+from loom.bench.targets import LaunchSettings, llama_server_command, managed_command, parse_target
 from loom.bench.workload import WorkloadSpec, arrival_offsets, build_request, build_requests, chat_body
 
 BAD_EVERY = 4  # the toy answers request i with an invalid JSON / tool call when i % 4 == 0 / 1
@@ -159,6 +162,9 @@ def test_the_request_set_is_seeded_unique_and_independent_of_its_size() -> None:
 def test_targets_peer_flags_and_the_fast_forward_probe() -> None:
     assert parse_target("peer=http://10.0.0.2:8080/v1/").url == "http://10.0.0.2:8080"
     assert parse_target("llama-server").kind == "llama-server"
+    noff = parse_target("noff=loom:--no-grammar-fast-forward --threads 2")
+    assert (noff.name, noff.kind, noff.args) == ("noff", "loom", ("--no-grammar-fast-forward --threads 2",))
+    assert parse_target("again=loom").args == ()
     for bad in ("nope", "x=ftp://host", "=http://h"):
         with pytest.raises(Exception, match="expected|unknown"):
             parse_target(bad)
@@ -171,6 +177,8 @@ def test_targets_peer_flags_and_the_fast_forward_probe() -> None:
     )
     cmd = llama_server_command(Path("/x/llama-server"), settings, 8080)
     assert " ".join(cmd[1:]).startswith("-m m.gguf --host 127.0.0.1 --port 8080 -t 2 -np 64 -c 32768")
+    loom_cmd = managed_command(noff, settings, 8081, print)
+    assert loom_cmd[-3:] == ["--no-grammar-fast-forward", "--threads", "2"]
     assert ("--no-repack" in cmd) == needs_no_repack() and cmd[-1] == "--jinja"
 
 
@@ -274,3 +282,30 @@ def test_default_targets_keep_the_old_flags() -> None:
     plan = serve_bench.plan_from_args(serve_bench.parse_args([]))
     assert [t.name for t in plan.targets] == ["loom", "hf"] and plan.scenarios == ("penalties", "prefix-cache")
     assert plan.levels == (1, 8, 32) and plan.workload.ignore_eos
+
+
+def test_fast_forward_is_compared_across_targets_by_their_forced_tokens() -> None:
+    def json_schema(target: str, req_s: float, forced: int | None) -> ScenarioResult:
+        values = {"long_keys_req_s": req_s, "long_keys_forced_tokens": forced}
+        return ScenarioResult("json-schema", target, None, None, dict(values))
+
+    lines = fast_forward_lines(
+        [json_schema("loom", 3.0, 420), json_schema("noff", 2.0, 0), json_schema("x", 1.0, None)]
+    )
+    assert lines == ["fast-forward: long keys loom 3.00 req/s vs noff 2.00 req/s without = 1.50x"]
+
+
+def test_a_burst_holds_each_maximal_request_once_and_sizes_them_at_the_limits() -> None:
+    bodies = {kind: (body, ok) for kind, body, ok in burst_bodies("m", prompt_words=100)}
+    assert set(bodies) == {"long-prompt", "body-4mib", "body-over", "many-limits", "n-64", "big-schema", "tools-128"}
+    sizes = {kind: len(json.dumps(body).encode()) for kind, (body, _) in bodies.items()}
+    assert 3 << 20 < sizes["body-4mib"] < 4 << 20 < sizes["body-over"]
+    many = bodies["many-limits"][0]
+    assert (len(many["messages"]), len(many["stop"]), len(many["logit_bias"]), len(many["bad_words"])) == (
+        1024,
+        32,
+        1024,
+        256,
+    )
+    assert all(len(stop) == 256 for stop in many["stop"]) and len(bodies["tools-128"][0]["tools"]) == 128
+    assert [kind for kind, (_, ok) in bodies.items() if not ok] == ["body-4mib", "body-over"]

@@ -37,7 +37,7 @@ class RecordingToyEngine(ToyEngine):
         self.num_waiting = 0
 
     def stats(self) -> EngineStats:
-        return EngineStats(0, self.num_waiting, 0.0, 0, 0, 0)
+        return EngineStats(0, self.num_waiting, 0.0, 0, 0, 0, num_forced_tokens=7)
 
     async def generate(
         self,
@@ -223,4 +223,5 @@ def test_overload_is_503_before_any_hold_and_recovers(make_platform: Any, engine
         metrics = client.get("/metrics").text
     assert 'loom:refused_requests_total{status="503"} 1.0' in metrics
     assert 'vllm:num_requests_waiting{model_name="toy"} 2.0' in metrics
+    assert 'loom:grammar_forced_tokens_total{model_name="toy"} 7.0' in metrics
     assert 'vllm:request_success_total{finished_reason="length",model_name="toy"} 1.0' in metrics
