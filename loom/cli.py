@@ -256,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub.add_parser(name, help=help_text)
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO))
+    # Alembic announces each of its plugins at INFO on every start; only its problems are news.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     return serve(args)
 
 

@@ -90,6 +90,17 @@ def comparison_table(runs: Sequence[TargetRun], reference: str) -> str:
 
 def scenario_summary(s: ScenarioResult) -> str:
     v = s.values
+    matched = (
+        f"{cell(v.get('matched_ratio'), '.2f')}x a plain run of the same lengths "
+        f"({cell(v.get('matched_plain_tok_s'), ',.1f')} tok/s); "
+        if "matched_ratio" in v
+        else ""
+    )
+    return matched + _scenario_checks(s)
+
+
+def _scenario_checks(s: ScenarioResult) -> str:
+    v = s.values
     if s.name == "json-schema":
         return (f"valid {v['valid']}/{v['requests']} ({v['validated_with']}), stop {v['finished_stop']}, "
                 f"forced {cell(v.get('forced_tokens'), ',.0f')}/{v.get('output_tokens')} tokens; "

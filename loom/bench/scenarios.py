@@ -188,6 +188,30 @@ async def plain_reference(ctx: ScenarioContext) -> PhaseResult:
     return result
 
 
+async def matched_plain(
+    ctx: ScenarioContext,
+    name: str,
+    bodies: Sequence[dict[str, Any]],
+    records: Sequence[RequestRecord],
+    constraint: tuple[str, ...],
+) -> PhaseResult | None:
+    """The same requests with their `constraint` fields left out (the prompt stays the same: tools
+    without `tool_choice` are `auto`, rendered as before), each asking for exactly as many tokens
+    as its constrained twin produced (`ignore_eos`): the unconstrained cost of the same work. A
+    constrained answer ends where its grammar does, usually far short of the plain run's length,
+    and short answers spend more of their time in prefill: only equal prompts and lengths compare
+    the decoding. None when the workload may not send `ignore_eos`."""
+    if not ctx.workload.ignore_eos:
+        return None
+    plain = [
+        {**{k: v for k, v in body.items() if k not in constraint}, "max_tokens": r.output_tokens, "ignore_eos": True}
+        for body, r in zip(bodies, records, strict=True)
+        if r.ok and r.output_tokens > 0
+    ]
+    result, _ = await _measure(ctx, f"{name} matched plain", plain)
+    return result
+
+
 def _constrained_body(ctx: ScenarioContext, request: BenchRequest, ask: str, extra: dict[str, Any]) -> dict[str, Any]:
     body = chat_body(ctx.model_id, request, ctx.workload)
     body.pop("ignore_eos", None)  # a constrained answer ends where its grammar does
@@ -208,12 +232,15 @@ async def json_schema(ctx: ScenarioContext) -> ScenarioResult:
         _constrained_body(ctx, r, ask, _schema_format("record", RECORD_SCHEMA)) for r in _requests(ctx, "json-schema")
     ]
     run, records, forced = await _counting_forced(ctx, "json-schema", bodies)
+    matched = await matched_plain(ctx, "json-schema", bodies, records, ("response_format",))
     ok = [r for r in records if r.ok]
     notes = (
         [] if validator else ["jsonschema is not installed (pip install 'loom[bench]'): outputs only parsed as JSON"]
     )
     values: dict[str, Any] = {
         "output_tok_s_ratio": ratio(run.output_tok_s, plain.output_tok_s),
+        "matched_plain_tok_s": matched.output_tok_s if matched else None,
+        "matched_ratio": ratio(run.output_tok_s, matched.output_tok_s) if matched else None,
         "requests": len(records), "finish_reasons": finish_reasons(records),
         "finished_stop": sum(r.finish_reason == "stop" for r in ok),
         "valid": sum(check_json(r.text, RECORD_SCHEMA, validator) for r in ok),
@@ -238,7 +265,16 @@ async def json_schema(ctx: ScenarioContext) -> ScenarioResult:
         notes.append(f"fast-forward on/off: add a target NAME=loom:{switch} to compare" if switch
                      else "fast-forward on/off: not available (`loom serve --help` shows no fast-forward switch)")  # fmt: skip
     samples = examples(records) + examples(long_records)
-    return ScenarioResult("json-schema", ctx.target.name, run, plain, values, tuple(notes), (long_run,), samples)
+    return ScenarioResult(
+        "json-schema",
+        ctx.target.name,
+        run,
+        plain,
+        values,
+        tuple(notes),
+        (long_run, *([matched] if matched else [])),
+        samples,
+    )
 
 
 def tool_call_validity(records: list[RequestRecord], validator: Validator | None) -> dict[str, Any]:
@@ -260,14 +296,20 @@ async def tools_required(ctx: ScenarioContext) -> ScenarioResult:
     extra = {"tools": TOOLS, "tool_choice": "required"}
     bodies = [_constrained_body(ctx, r, ask, extra) for r in _requests(ctx, "tools-required")]
     run, records = await _measure(ctx, "tools-required", bodies)
+    matched = await matched_plain(ctx, "tools-required", bodies, records, ("tool_choice",))
     validator = schema_validator()
     values = {
         "output_tok_s_ratio": ratio(run.output_tok_s, plain.output_tok_s),
+        "matched_plain_tok_s": matched.output_tok_s if matched else None,
+        "matched_ratio": ratio(run.output_tok_s, matched.output_tok_s) if matched else None,
         **tool_call_validity(records, validator),
     }
     values["validated_with"] = "jsonschema" if validator else "json.loads"
     values["finish_reasons"] = finish_reasons(records)
-    return ScenarioResult("tools-required", ctx.target.name, run, plain, values, examples=examples(records))
+    more = (matched,) if matched else ()
+    return ScenarioResult(
+        "tools-required", ctx.target.name, run, plain, values, more_runs=more, examples=examples(records)
+    )
 
 
 async def penalties(ctx: ScenarioContext) -> ScenarioResult:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from loom.engine.core import EngineCore
 from loom.engine.detokenizer import IncrementalDetokenizer
+from loom.engine.heap import HeapTrimmer
 from loom.engine.logprobs import TokenLogprob
 from loom.engine.request import EngineRequest
 from loom.engine.sampling_params import SamplingParams
@@ -189,7 +190,10 @@ class AsyncEngine:
             self._streams.pop(req_id, None)
 
     def _run_core(self) -> None:
+        heap = HeapTrimmer()
         while True:
+            if not self.core.has_work:
+                heap.idle()
             if not self._drain_commands(block=not self.core.has_work):
                 return
             try:
@@ -198,6 +202,7 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_all(exc)
                 continue
+            heap.worked()
             if outputs:
                 assert self._loop is not None
                 self._loop.call_soon_threadsafe(self._dispatch, outputs)

@@ -12,8 +12,9 @@ Order of operations (each step skipped when no row in the batch needs it):
   3. greedy rows take the argmax of the processed logits
   4. temperature scaling (greedy rows divided by 1, their result is already fixed)
   5. top_k: tokens below the row's k-th largest logit are dropped (one `topk`, no sort)
-  6. top_p: on the rows that use it only, one descending sort; a token is dropped when the mass
-     strictly before it already reaches top_p (the top token always stays)
+  6. top_p: on the rows that use it only; a token is dropped when the mass strictly before it
+     already reaches top_p (the top token always stays). The 256 most likely tokens decide a row
+     when their mass reaches top_p; only rows where it does not are sorted whole
   7. min_p: tokens whose probability is below min_p * max probability are dropped
   8. the draw, by inverse CDF: the row's cumulative (unnormalized) probabilities are searched for
      its uniform number times their total. One number per row (drawn when the batch was built,
@@ -42,6 +43,7 @@ from loom.engine.logprobs import TokenLogprob
 from loom.engine.sampling_batch import SamplingBatch
 
 _NEG_INF = float("-inf")
+_TOP_P_CANDIDATES = 256  # top_p looks at this many tokens first (see `_apply_top_p`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,15 +130,32 @@ def _apply_top_k(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 
 def _apply_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Step 6 without a full-vocabulary sort where it can: the row's `_TOP_P_CANDIDATES` most
+    likely tokens (one `topk`, ~15x cheaper than a sort of 49,152 logits) decide the row exactly
+    when their mass reaches top_p, since every token after them then has mass before it >= top_p.
+    Rows whose candidates fall short (a very flat distribution) are sorted whole."""
     if batch.top_p is None:
         return logits
     rows, p = batch.top_p.rows, batch.top_p.values
-    sorted_logits, order = logits.index_select(0, rows).sort(dim=-1, descending=True)
+    sub = logits.index_select(0, rows)  # [M, vocab]
+    k = min(_TOP_P_CANDIDATES, sub.shape[1])
+    top_probs, order = sub.softmax(dim=-1).topk(k, dim=-1)  # best first
+    mass = top_probs.cumsum(dim=-1)
+    covered = mass[:, -1] >= p
+    top_logits = sub.gather(1, order).masked_fill(mass - top_probs >= p.unsqueeze(1), _NEG_INF)
+    kept = torch.full_like(sub, _NEG_INF).scatter_(-1, order, top_logits)
+    if not bool(covered.all()):
+        short = (~covered).nonzero().squeeze(1)
+        kept.index_copy_(0, short, _top_p_sorted(sub.index_select(0, short), p.index_select(0, short)))
+    return logits.index_copy(0, rows, kept)
+
+
+def _top_p_sorted(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     sorted_logits = sorted_logits.masked_fill(mass_before >= p.unsqueeze(1), _NEG_INF)
-    kept = torch.full_like(sorted_logits, _NEG_INF).scatter_(-1, order, sorted_logits)
-    return logits.index_copy(0, rows, kept)
+    return torch.full_like(sorted_logits, _NEG_INF).scatter_(-1, order, sorted_logits)
 
 
 def _draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,8 @@ def hold(db: Database, hold_id: str, who: Principal, estimate: Estimate) -> Held
     """Reserves the worst case of `estimate` on `who`'s balance under `hold_id`."""
     price = get_price(db, estimate.model)
     amount = worst_case_cost(price, estimate.prompt_tokens, estimate.max_completion_tokens)
-    with db.account_lock(who.account_id) as (session, account):
+    # not durable: a hold lost in a crash goes with its request, as release_stale_holds would undo it
+    with db.account_lock(who.account_id, durable=False) as (session, account):
         if account is None:
             return Insufficient(balance_micros=0, needed_micros=amount)
         existing = session.get(Hold, hold_id)

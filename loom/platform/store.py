@@ -74,10 +74,18 @@ class Database:
             yield session
 
     @contextmanager
-    def account_lock(self, account_id: int) -> Iterator[tuple[Session, Account | None]]:
+    def account_lock(self, account_id: int, *, durable: bool = True) -> Iterator[tuple[Session, Account | None]]:
         """A write transaction holding `account_id`'s row lock until it ends: every change of
-        money goes through here, so two changes of one account never interleave."""
+        money goes through here, so two changes of one account never interleave.
+
+        `durable=False` lets PostgreSQL commit without waiting for the WAL flush (the transaction
+        stays atomic; a crash may lose the last fraction of a second of such commits). The row
+        lock is held through the commit, so one account's concurrent requests queue behind each
+        flush: measured 32 holds at once ~200 ms synchronous. Only for a change whose loss in a
+        crash is harmless (a hold: it vanishes with its request, balance and hold together)."""
         with self.write() as session:
+            if not durable and not self.is_sqlite:
+                session.execute(text("SET LOCAL synchronous_commit TO OFF"))
             account = session.execute(
                 select(Account).where(Account.id == account_id).with_for_update()
             ).scalar_one_or_none()

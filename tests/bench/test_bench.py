@@ -225,6 +225,10 @@ def test_two_targets_sweep_scenarios_json_and_plot(openai_url: str, tmp_path: Pa
     tools = scenarios["tools-required"]["values"]
     assert (tools["calls"], tools["valid_calls"], tools["valid_share"], tools["finished_tool_calls"]) == (4, 3, 0.75, 4)
     assert scenarios["penalties"]["values"]["output_tok_s_ratio"] > 0
+    for name in ("json-schema", "tools-required"):  # a plain run of the same lengths beside each constrained one
+        matched = scenarios[name]["more_runs"][-1]
+        assert matched["phase"].endswith("matched plain") and scenarios[name]["values"]["matched_ratio"] > 0
+        assert matched["output_tokens"] == scenarios[name]["run"]["output_tokens"]
     assert all(s["plain"] == a["phases"][1] for s in scenarios.values())
     assert "not available" not in " ".join(scenarios["json-schema"]["notes"])  # a URL target: switch unknown
     assert result["reference"] == "b" and result["workload"]["temperature"] == 0.8
@@ -301,11 +305,7 @@ def test_a_burst_holds_each_maximal_request_once_and_sizes_them_at_the_limits() 
     sizes = {kind: len(json.dumps(body).encode()) for kind, (body, _) in bodies.items()}
     assert 3 << 20 < sizes["body-4mib"] < 4 << 20 < sizes["body-over"]
     many = bodies["many-limits"][0]
-    assert (len(many["messages"]), len(many["stop"]), len(many["logit_bias"]), len(many["bad_words"])) == (
-        1024,
-        32,
-        1024,
-        256,
-    )
+    counts = (len(many["messages"]), len(many["stop"]), len(many["logit_bias"]), len(many["bad_words"]))
+    assert counts == (760, 32, 1024, 256)
     assert all(len(stop) == 256 for stop in many["stop"]) and len(bodies["tools-128"][0]["tools"]) == 128
     assert [kind for kind, (_, ok) in bodies.items() if not ok] == ["body-4mib", "body-over"]
