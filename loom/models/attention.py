@@ -97,6 +97,9 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
 # evicts (about 240 KB per distinct length on an AMX CPU), so unpadded, every new prompt length a
 # server sees stays in its memory; padded, a few dozen shapes cover every length.
 PREFILL_PAD = 64
+# A short chunk (grammar fast-forward appends a few forced tokens) pads its queries only this far:
+# 64 rows for a 3-token chunk made constrained 32-stream steps ~40% slower (44.7 vs 32.0 ms).
+SHORT_CHUNK_PAD = 16
 
 
 def _prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
@@ -105,7 +108,7 @@ def _prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, span: PrefillSpa
     if q.dtype in (torch.bfloat16, torch.float16):
         # padded queries come last and are dropped; padded keys (slot 0, any content) sit after
         # every real query's position, so the causal mask or the mask below hides them
-        q = F.pad(q, (0, 0, 0, 0, 0, -num_q % PREFILL_PAD))
+        q = F.pad(q, (0, 0, 0, 0, 0, -num_q % (SHORT_CHUNK_PAD if num_q <= SHORT_CHUNK_PAD else PREFILL_PAD)))
         slots = F.pad(slots, (0, -num_ctx % PREFILL_PAD))
     num_kv_heads = kv_cache.shape[0] // 2
     kv = kv_cache.index_select(1, slots).unsqueeze(0)  # [1, 2*kv, C, hd]

@@ -245,6 +245,7 @@ class StructuredOutputCompiler:
         self.compile_budget_s = compile_budget_s
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[StructuredOutputSpec, str], CompiledGrammar] = OrderedDict()
+        self._inflight: dict[tuple[StructuredOutputSpec, str], asyncio.Future[CompiledGrammar]] = {}
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="loom-grammar")
 
     def available_backends(self) -> tuple[str, ...]:
@@ -256,19 +257,33 @@ class StructuredOutputCompiler:
         self.backends.get()
 
     async def compile(self, spec: StructuredOutputSpec) -> CompiledGrammar:
-        """The spec's compiled grammar; InvalidRequest (422) if it cannot be compiled within budget."""
+        """The spec's compiled grammar; InvalidRequest (422) if it cannot be compiled within budget.
+
+        Requests that ask for the same constraint while it compiles wait for that one compilation
+        (32 streams with one schema: one compile, not 32 queued behind the pool's workers)."""
         backend = BACKEND_ALIASES.get(spec.backend, spec.backend) if spec.backend else None
         key = (spec, backend or self.backends.default)
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
             return cached
-        loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(self._pool, self._compile_now, spec, backend)
+        work = self._inflight.get(key)
+        if work is None:
+            work = asyncio.ensure_future(self._compile_and_cache(key, spec, backend))
+            work.add_done_callback(_retrieve_exception)  # every waiter may have given up
+            self._inflight[key] = work
         try:
-            compiled = await asyncio.wait_for(work, self.compile_budget_s)
+            return await asyncio.wait_for(asyncio.shield(work), self.compile_budget_s)
         except TimeoutError as exc:
             raise _invalid(spec, f"the constraint did not compile within {self.compile_budget_s:g} s") from exc
+
+    async def _compile_and_cache(
+        self, key: tuple[StructuredOutputSpec, str], spec: StructuredOutputSpec, backend: str | None
+    ) -> CompiledGrammar:
+        try:
+            compiled = await asyncio.get_running_loop().run_in_executor(self._pool, self._compile_now, spec, backend)
+        finally:
+            self._inflight.pop(key, None)
         self._cache[key] = compiled
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -286,6 +301,11 @@ class StructuredOutputCompiler:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _retrieve_exception(work: asyncio.Future[CompiledGrammar]) -> None:
+    if not work.cancelled():
+        work.exception()
 
 
 def _invalid(spec: StructuredOutputSpec, reason: str) -> InvalidRequest:

@@ -87,6 +87,25 @@ async def test_compiles_each_kind_and_caches_equal_specs(compiler: StructuredOut
         assert (await compiler.compile(spec)).new_grammar().bitmask_words == 9  # 257 tokens / 32
 
 
+async def test_requests_for_a_constraint_being_compiled_wait_for_that_one_compilation(
+    compiler: StructuredOutputCompiler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    compile_now = compiler._compile_now
+
+    def counted(spec: StructuredOutputSpec, backend: str | None) -> object:
+        calls.append(spec)
+        return compile_now(spec, backend)
+
+    monkeypatch.setattr(compiler, "_compile_now", counted)
+    spec = StructuredOutputSpec("json", SCHEMA, param="response_format")
+    results = await asyncio.gather(*(compiler.compile(spec) for _ in range(16)))
+    assert len(calls) == 1 and all(r is results[0] for r in results) and not compiler._inflight
+    bad = StructuredOutputSpec("regex", "(ab", param="guided_regex")
+    failures = await asyncio.gather(*(compiler.compile(bad) for _ in range(4)), return_exceptions=True)
+    assert len(calls) == 2 and all(isinstance(f, InvalidRequest) for f in failures) and not compiler._inflight
+
+
 async def test_the_cache_is_bounded_and_least_recently_used_goes_first(compiler: StructuredOutputCompiler) -> None:
     specs = [StructuredOutputSpec("regex", f"x{i}[0-9]+") for i in range(3)]
     compiled = [await compiler.compile(s) for s in specs]
