@@ -203,8 +203,12 @@ async def matched_plain(
     the decoding. None when the workload may not send `ignore_eos`."""
     if not ctx.workload.ignore_eos:
         return None
+    # The constrained run just prefilled these prompts: a prefix cache would serve them to the plain
+    # twins for free. Loom and vLLM keep a salted request's blocks apart; other servers are told nothing.
+    salt = {"cache_salt": f"matched-plain-{name}"} if ctx.target.kind in ("loom", "vllm") else {}
     plain = [
         {**{k: v for k, v in body.items() if k not in constraint}, "max_tokens": r.output_tokens, "ignore_eos": True}
+        | salt
         for body, r in zip(bodies, records, strict=True)
         if r.ok and r.output_tokens > 0
     ]
