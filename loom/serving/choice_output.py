@@ -6,18 +6,19 @@ detokenized text of one choice, streamed or whole:
   with `parallel_tool_calls: false` only the first call is kept;
 - a named function (`tool_choice: {"function": ...}`): the constrained text is the arguments
   object; it streams as argument fragments of call 0;
-- `required`: the constrained text is a JSON array of calls, read when the choice ends.
+- `required`: the constrained text is a JSON array of calls, read as it streams (`required_calls`):
+  each call's id and name once its name is written, then its `parameters` text as fragments.
 `finish_reason` becomes "tool_calls" when a call was made and the choice ended on its own (a
 named call keeps "stop", as OpenAI answers). Never touches the engine or HTTP.
 """
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass, field
 
 from loom.parsers import ChoiceParser, ToolCallDelta, make_choice_parser
+from loom.serving.required_calls import RequiredCallStream
 from loom.serving.tools import ToolOptions
 from loom.serving.types import ToolCallChunk, ToolCallResult
 
@@ -52,6 +53,7 @@ class ChoiceOutput:
     made_call: bool = False
     _buffer: list[str] = field(default_factory=list)
     _parser: ChoiceParser | None = None
+    _required: RequiredCallStream = field(default_factory=lambda: RequiredCallStream(call_id))
 
     def __post_init__(self) -> None:
         tools = self.plan.tools
@@ -97,9 +99,14 @@ class ChoiceOutput:
         if tools.mode == "named" and text:
             first = not self.made_call
             self.made_call = True
-            return Piece(tool_calls=(ToolCallChunk(0, call_id() if first else None, tools.named if first else None, text),))
+            return Piece(
+                tool_calls=(ToolCallChunk(0, call_id() if first else None, tools.named if first else None, text),)
+            )
         if tools.mode == "required":
-            self._buffer.append(text)  # the array is read whole at the end
+            self._buffer.append(text)
+            chunks = self._required.feed(text)
+            self.made_call = self.made_call or bool(chunks)
+            return Piece(tool_calls=chunks)
         return Piece()
 
     def _forced_finish(self) -> Piece:
@@ -107,12 +114,11 @@ class ChoiceOutput:
         assert tools is not None
         if tools.mode == "named":
             return Piece()
-        text = "".join(self._buffer)
-        calls = _required_calls(text)
-        if calls is None:  # cut short before the array closed: what was written is the content
-            return Piece(content=text)
-        self.made_call = bool(calls)
-        return Piece(tool_calls=tuple(ToolCallChunk(i, call_id(), name, args) for i, (name, args) in enumerate(calls)))
+        chunks = self._required.finish()
+        self.made_call = self.made_call or bool(chunks)
+        if not self.made_call:  # cut short before any call was named: what was written is the content
+            return Piece(content="".join(self._buffer))
+        return Piece(tool_calls=chunks)
 
     def finish_reason(self, engine_reason: str | None) -> str | None:
         tools = self.plan.tools
@@ -127,16 +133,6 @@ class ChoiceOutput:
             chunks = tuple(c for c in chunks if c.index == 0)
         self.made_call = self.made_call or bool(chunks)
         return Piece(content, reasoning if self.plan.include_reasoning else "", chunks)
-
-
-def _required_calls(text: str) -> list[tuple[str, str]] | None:
-    try:
-        items = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in items):
-        return None
-    return [(i["name"], json.dumps(i.get("parameters", {}), ensure_ascii=False)) for i in items]
 
 
 def collect(output: ChoiceOutput, text: str) -> tuple[str, str | None, tuple[ToolCallResult, ...]]:

@@ -139,6 +139,22 @@ def test_required_calls_always_validate(base_url: str, parallel: bool) -> None:
     assert len({c["id"] for c in calls}) == len(calls)
 
 
+def test_required_calls_stream_their_arguments_as_they_are_written(base_url: str) -> None:
+    chunks = stream(
+        base_url, "What time is it in Paris, and what is the weather?", tools=[WEATHER, TIME],
+        tool_choice="required", max_tokens=96, temperature=0.7, seed=3,
+    )  # fmt: skip
+    deltas = [d for c in streamed_choices(chunks) for d in c["delta"].get("tool_calls") or []]
+    heads = {d["index"]: d for d in deltas if d.get("id")}
+    assert heads and all(h["id"].startswith("call_") and h["type"] == "function" for h in heads.values())
+    assert len(deltas) > 2 * len(heads)  # arguments arrive in pieces, not whole at the end
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    for index, head in heads.items():
+        arguments = "".join(d["function"].get("arguments") or "" for d in deltas if d["index"] == index)
+        jsonschema.validate(json.loads(arguments), schemas[head["function"]["name"]])
+    assert streamed_choices(chunks)[-1]["finish_reason"] == "tool_calls"
+
+
 def test_a_named_call_streams_openai_shaped_deltas(base_url: str) -> None:
     named = {"type": "function", "function": {"name": "get_time"}}  # its schema is short: an enum
     chunks = stream(base_url, "Time in Rome?", tools=[WEATHER, TIME], tool_choice=named, max_tokens=64, temperature=0)

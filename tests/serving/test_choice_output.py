@@ -66,13 +66,30 @@ def test_a_named_call_streams_its_arguments_and_keeps_stop() -> None:
     assert out.finish_reason("stop") == "stop"
 
 
-def test_required_reads_the_array_at_the_end() -> None:
-    text = '[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Oslo"}}]'
+def test_required_streams_each_call_as_it_is_written() -> None:
+    text = '[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Os\\"lo}"}}]'
     out = ChoiceOutput(plan("required"))
-    content, _, args, names = streamed(out, text, 5)
-    assert content == "" and names == {0: "get_time", 1: "get_weather"}
-    assert json.loads("".join(args[1])) == {"city": "Oslo"}
-    assert out.finish_reason("stop") == "tool_calls"
+    first = out.feed(text[: text.index("city")])  # the first call is whole, the second named
+    assert [(c.index, c.name, c.arguments) for c in first.tool_calls] == [
+        (0, "get_time", ""),
+        (0, None, "{}"),
+        (1, "get_weather", ""),
+        (1, None, '{"'),
+    ]
+    assert first.tool_calls[0].id != first.tool_calls[2].id and first.tool_calls[2].id.startswith("call_")
+    for size in (1, 3, 5, len(text)):
+        out = ChoiceOutput(plan("required"))
+        content, _, args, names = streamed(out, text, size)
+        assert content == "" and names == {0: "get_time", 1: "get_weather"}
+        assert json.loads("".join(args[0])) == {} and json.loads("".join(args[1])) == {"city": 'Os"lo}'}
+        assert out.finish_reason("stop") == "tool_calls"
+
+
+def test_required_cut_short_inside_the_arguments_keeps_the_calls_so_far() -> None:
+    out = ChoiceOutput(plan("required"))
+    content, _, args, names = streamed(out, '[{"name": "get_weather", "parameters": {"city": "Ro', 4)
+    assert content == "" and names == {0: "get_weather"} and "".join(args[0]) == '{"city": "Ro'
+    assert out.finish_reason("length") == "length"
 
 
 def test_required_cut_short_gives_the_text_back_as_content() -> None:
