@@ -109,7 +109,8 @@ def _scenario_checks(s: ScenarioResult) -> str:
     if s.name == "tools-required":
         share = cell(v["valid_share"], ".1%")
         return (f"calls valid {v['valid_calls']}/{v['calls']} = {share} ({v['validated_with']}); "
-                f"{v['requests_with_calls']}/{v['requests']} requests called, finish tool_calls {v['finished_tool_calls']}")  # fmt: skip
+                f"{v['requests_with_calls']}/{v['requests']} requests called, finish tool_calls {v['finished_tool_calls']}, "
+                f"calls cut by max_tokens {v.get('calls_cut_short', 0)}")  # fmt: skip
     if s.name == "prefix-cache":
         return (f"{v['system_prompt_tokens']}-token prompt: TTFT cold {cell(v['cold_ttft_s'], ',.0f', 1e3)} ms, "
                 f"warm {cell(v['warm_ttft_s'], ',.0f', 1e3)} ms ({v['cached_tokens']} cached) = {cell(v['warm_speedup'], '.1f')}x")  # fmt: skip

@@ -282,8 +282,11 @@ async def json_schema(ctx: ScenarioContext) -> ScenarioResult:
 
 
 def tool_call_validity(records: list[RequestRecord], validator: Validator | None) -> dict[str, Any]:
+    """Validity over the calls of answers that ended on their own (`tool_calls`, `stop`); an answer
+    cut by `max_tokens` streams its last call unfinished, as OpenAI's do: counted apart."""
     parameters = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
-    calls = [call for r in records if r.ok for call in r.tool_calls]
+    ended = [r for r in records if r.ok and r.finish_reason != "length"]
+    calls = [call for r in ended for call in r.tool_calls]
     valid = sum(
         call.name in parameters and check_json(call.arguments, parameters[call.name], validator) for call in calls
     )
@@ -291,6 +294,7 @@ def tool_call_validity(records: list[RequestRecord], validator: Validator | None
         "requests": len(records), "requests_with_calls": sum(bool(r.tool_calls) for r in records if r.ok),
         "finished_tool_calls": sum(r.finish_reason == "tool_calls" for r in records if r.ok),
         "calls": len(calls), "valid_calls": valid, "valid_share": valid / len(calls) if calls else None,
+        "calls_cut_short": sum(len(r.tool_calls) for r in records if r.ok and r.finish_reason == "length"),
     }  # fmt: skip
 
 
