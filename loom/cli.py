@@ -215,8 +215,7 @@ def _load_engine(args: argparse.Namespace) -> tuple[AsyncEngine, tuple[str, ...]
 
         def progress(done: int, total: int) -> None:
             bar.total = total
-            bar.n = done
-            bar.refresh()
+            bar.update(done - bar.n)  # redraws at most every mininterval (0.1 s), not per tensor
 
         try:
             return build_engine(config, progress), names
