@@ -189,7 +189,7 @@ def _load_engine(args: argparse.Namespace) -> tuple[AsyncEngine, tuple[str, ...]
 
     from loom.engine import EngineConfig, build_engine
     from loom.models.default import default_model_path, served_model_names
-    from loom.models.weight_cache import default_cache_dir
+    from loom.tokenizer import default_cache_dir
 
     model_path = str(args.model or default_model_path())
     names = tuple(args.served_model_name or served_model_names(model_path))

@@ -124,8 +124,8 @@ async def _idle_rss(client: httpx.AsyncClient, pid: int | None, settle_s: float)
 
 async def run_bursts(url: str, pid: int | None, args: argparse.Namespace) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(args.request_timeout, connect=10.0)) as client:
-        model = (await client.get("/v1/models")).json()["data"][0]["id"]
-        context = int((await client.get("/v1/models")).json()["data"][0].get("max_model_len") or 8192)
+        card = (await client.get("/v1/models")).json()["data"][0]
+        model, context = card["id"], int(card.get("max_model_len") or 8192)
         sized = (await client.post("/tokenize", json={"model": model, "prompt": _WORD * 100})).json()["count"]
         prompt_words = int((context - 64 - 64) * 100 / sized)  # the template and the answer fit beside it
         warm = {"model": model, "messages": [{"role": "user", "content": "Hello there."}], "max_tokens": 16}

@@ -192,9 +192,10 @@ class AsyncEngine:
     def _run_core(self) -> None:
         heap = HeapTrimmer()
         while True:
-            if not self.core.has_work:
+            idle = not self.core.has_work
+            if idle:
                 heap.idle()
-            if not self._drain_commands(block=not self.core.has_work):
+            if not self._drain_commands(block=idle):
                 return
             try:
                 outputs = self.core.step()

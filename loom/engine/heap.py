@@ -34,7 +34,6 @@ class HeapTrimmer:
         self._clock = clock
         self._last = clock()
         self._dirty = False  # work ran since the last trim
-        self.num_trims = 0
 
     def worked(self) -> None:
         """After an engine step: trims if the engine has been busy for `busy_interval_s` since the last trim."""
@@ -52,4 +51,3 @@ class HeapTrimmer:
             self._trim(0)
         self._dirty = False
         self._last = self._clock()
-        self.num_trims += 1

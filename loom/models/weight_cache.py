@@ -33,7 +33,6 @@ from loom.models.prepared import PreparedWeights
 
 FORMAT_VERSION = 1  # bump when prepared tensors change meaning for the same inputs
 HEADER_BYTES = 8 << 20
-CACHE_ENV = "LOOM_CACHE_DIR"  # a directory, or empty to turn the cache off
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +46,6 @@ class CacheKey:
     @property
     def file_name(self) -> str:
         return f"{self.source_id}.{self.file_hash}.{self.variant}.safetensors"
-
-
-def default_cache_dir() -> Path | None:
-    """`$LOOM_CACHE_DIR` (empty: no cache), else the user cache directory (`~/.cache/loom` on Linux)."""
-    configured = os.environ.get(CACHE_ENV)
-    if configured is not None:
-        return Path(configured).expanduser() if configured else None
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("loom"))
 
 
 def cache_key(path: Path, dtype: torch.dtype, quantization: str) -> CacheKey:

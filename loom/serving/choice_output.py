@@ -114,11 +114,9 @@ class ChoiceOutput:
         assert tools is not None
         if tools.mode == "named":
             return Piece()
-        chunks = self._required.finish()
-        self.made_call = self.made_call or bool(chunks)
         if not self.made_call:  # cut short before any call was named: what was written is the content
             return Piece(content="".join(self._buffer))
-        return Piece(tool_calls=chunks)
+        return Piece()
 
     def finish_reason(self, engine_reason: str | None) -> str | None:
         tools = self.plan.tools

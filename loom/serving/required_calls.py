@@ -23,8 +23,7 @@ from loom.serving.types import ToolCallChunk
 class _Call:
     index: int
     id: str
-    name: str | None = None
-    announced: bool = False
+    name: str | None = None  # set when its name string closes, and its first delta sent then
     pending_args: list[str] = field(default_factory=list)  # arguments seen before the name
     had_args: bool = False
 
@@ -59,13 +58,6 @@ class RequiredCallStream:
                 self._flush(args, out)
             self._structure(ch, out)
         self._flush(args, out)
-        return tuple(out)
-
-    def finish(self) -> tuple[ToolCallChunk, ...]:
-        out: list[ToolCallChunk] = []
-        call = self.calls[-1] if self.calls else None
-        if call is not None and not call.announced and call.name is not None:
-            self._announce(call, out)
         return tuple(out)
 
     # -- inside the parameters value: pass characters through, track where it ends
@@ -104,7 +96,7 @@ class RequiredCallStream:
         call.had_args = True
         fragment = "".join(args)
         args.clear()
-        if call.announced:
+        if call.name is not None:
             out.append(ToolCallChunk(call.index, None, None, fragment))
         else:
             call.pending_args.append(fragment)
@@ -165,14 +157,11 @@ class RequiredCallStream:
         self._token.clear()
 
     def _announce(self, call: _Call, out: list[ToolCallChunk]) -> None:
-        call.announced = True
         out.append(ToolCallChunk(call.index, call.id, call.name, "".join(call.pending_args)))
         call.pending_args.clear()
 
     def _call_closed(self, call: _Call, out: list[ToolCallChunk]) -> None:
-        if not call.announced:
-            if call.name is None:
-                return
-            self._announce(call, out)
+        if call.name is None:  # an object without a name is no call
+            return
         if not call.had_args:
             out.append(ToolCallChunk(call.index, None, None, "{}"))
