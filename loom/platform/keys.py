@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from loom.platform.db import Account, ApiKey, utcnow
@@ -25,6 +25,14 @@ KEY_PREFIX = "sk-loom-"
 VISIBLE_CHARS = 8  # random characters kept in the visible prefix
 MAX_KEY_LEN = 256  # a longer credential is refused before it is hashed
 MAX_MODELS = 256
+_FIND_KEY = (
+    select(
+        ApiKey.id, ApiKey.prefix, ApiKey.key_hash, ApiKey.account_id, Account.name.label("account_name"),
+        ApiKey.rpm, ApiKey.tpm, ApiKey.models, ApiKey.revoked_at,
+    )
+    .join(Account, ApiKey.account_id == Account.id)
+    .where(ApiKey.key_hash == bindparam("digest"))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,20 +148,15 @@ def find_key(db: Database, key: str) -> KeyRow | None:
     if not key or len(key) > MAX_KEY_LEN:
         return None
     digest = hash_key(key)
-    with db.read() as session:
-        found = session.execute(
-            select(ApiKey, Account.name).join(Account, ApiKey.account_id == Account.id).where(ApiKey.key_hash == digest)
-        ).first()
-    if found is None:
-        return None
-    row, owner = found
-    if not hmac.compare_digest(row.key_hash, digest):
+    with db.lookup() as conn:
+        row = conn.execute(_FIND_KEY, {"digest": digest}).first()
+    if row is None or not hmac.compare_digest(row.key_hash, digest):
         return None
     return KeyRow(
         id=row.id,
         prefix=row.prefix,
         account_id=row.account_id,
-        account_name=owner,
+        account_name=row.account_name,
         rpm=row.rpm,
         tpm=row.tpm,
         models=frozenset(row.models) if row.models is not None else None,
