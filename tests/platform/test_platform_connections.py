@@ -40,14 +40,14 @@ def test_an_idle_connection_the_server_cut_is_replaced(migrated_pg: str, monkeyp
 
 def test_holds_commit_lazily_on_the_operators_schema(migrated_pg: str) -> None:
     db = Database(migrated_pg)  # the URL carries `options=-csearch_path=...`
-    ledger.set_price(db, "m", Price(1_000_000, 1_000_000, 1_000_000))
     name = f"acme-{uuid.uuid4().hex}"  # this schema is shared with other tests, not emptied for this one
+    ledger.set_price(db, name, Price(1_000_000, 1_000_000, 1_000_000))
     account = ledger.add_credit(db, name, 1_000)
     who = Principal(account_id=account.id, account_name=name)
     with db.account_lock(account.id, durable=False) as (conn, _):
         assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == "off"
     with db.account_lock(account.id) as (conn, _):
         assert conn.execute(text("SHOW synchronous_commit")).scalar_one() == "on"
-    assert ledger.hold(db, "h1", who, Estimate("m", 100, 10)) == Held("h1", 110)
+    assert ledger.hold(db, name[:32], who, Estimate(name, 100, 10)) == Held(name[:32], 110)
     assert ledger.find_account(db, name).balance_micros == 890  # type: ignore[union-attr]
     db.dispose()
