@@ -9,7 +9,9 @@ per minute; not `loom.api.limits.RequestLimits`, the sizes one request may carry
 meta)` the route calls once the prompt is counted (429 on tokens per minute, 402 on balance) and
 whose `settle(usage, ending)` it calls when the request ends, however it ends.
 A hold the route never settled is released free when the response is over (a server-side failure
-costs nothing). `AuthedKey` is None while the server is open (no key, no JWT) or runs without a
+costs nothing). A stream settles after its last byte went out (its client does not wait on the
+account's row lock, which every request of that account queues on); `/v1/usage` waits for the
+settlements still running in this process, so a caller reads its row as soon as its stream ended. `AuthedKey` is None while the server is open (no key, no JWT) or runs without a
 platform; then every other dependency lets the request through.
 
 Platform calls block on the database or Redis, so they run on worker threads; their failures
@@ -18,11 +20,12 @@ answer 503 without detail. Credentials never reach a log or an answer.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
 import anyio
@@ -66,6 +69,12 @@ class PlatformState:
 
     platform: Platform | None
     num_waiting: Callable[[], int]  # the engine's waiting-queue length, for 503 admission
+    settling: set[asyncio.Task[Any]] = field(default_factory=set)  # streams' settlements still running
+
+    async def settled(self) -> None:
+        """Returns once every settlement running now has finished (however it finished)."""
+        if self.settling:
+            await asyncio.gather(*self.settling, return_exceptions=True)
 
 
 def install_platform(app: FastAPI, platform: Platform | None, num_waiting: Callable[[], int]) -> None:
@@ -74,9 +83,12 @@ def install_platform(app: FastAPI, platform: Platform | None, num_waiting: Calla
     app.add_middleware(RateLimitHeadersMiddleware)
 
 
+_NO_PLATFORM = PlatformState(None, lambda: 0)
+
+
 def platform_state(request: Request) -> PlatformState:
     state: PlatformState | None = getattr(request.app.state, "loom_platform", None)
-    return state if state is not None else PlatformState(None, lambda: 0)
+    return state if state is not None else _NO_PLATFORM
 
 
 async def run_blocking(func: Callable[..., T], *args: Any) -> T:
@@ -163,6 +175,7 @@ class Meter:
 
     def __init__(self, request: Request, platform: Platform | None, key: Principal | None) -> None:
         self._request = request
+        self._settling: asyncio.Task[Settlement | None] | None = None
         self._platform = platform if key is not None else None
         self._key = key
         self._started = time.monotonic()
@@ -237,7 +250,23 @@ class Meter:
         finally:
             with anyio.CancelScope(shield=True):
                 await lines.aclose()  # stops the engine's work before it is counted
-            await self.settle(usage(), ending)
+            self._settle_later(usage(), ending)
+
+    def _settle_later(self, used: FinalUsage, ending: Ending) -> None:
+        """Settles in a task of its own, so the response's last chunk goes out now (`settled`
+        waits for it)."""
+        if self._platform is None or self._admitted is None or self._settling is not None:
+            return
+        self._settling = asyncio.ensure_future(self.settle(used, ending))
+        running = platform_state(self._request).settling
+        running.add(self._settling)
+        self._settling.add_done_callback(running.discard)
+
+    async def settled(self) -> None:
+        """Waits for a settlement `stream` started (never raises: `settle` logs its failures)."""
+        if self._settling is not None:
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(self._settling, return_exceptions=True)
 
     async def close_stream(self) -> None:
         """Closes a stream the server stopped sending (the client left between two chunks): its
@@ -255,6 +284,7 @@ async def open_meter(request: Request, key: LoadAdmission) -> AsyncIterator[Mete
         yield meter
     finally:
         await meter.close_stream()
+        await meter.settled()
         if meter.hold_id is not None and meter.settlement is None:
             log.warning("request ended without settling hold %s: released free", meter.hold_id)
             await meter.settle(FinalUsage(), Ending.ERROR)

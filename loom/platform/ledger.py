@@ -1,6 +1,6 @@
 """Balances: credit, holds, settlement, and the usage rows they write.
 
-Every change of an account's money is one transaction under `Database.account_lock`, so the
+Every change of an account's money is one transaction under `Database.lock_account`, so the
 balance check and the debit can never be split by another request, another thread or another
 server process on the same database:
 
@@ -68,9 +68,10 @@ def get_price(db: Database, model: str) -> Price:
 def hold(db: Database, hold_id: str, who: Principal, estimate: Estimate) -> Held | Insufficient:
     """Reserves the worst case of `estimate` on `who`'s balance under `hold_id`."""
     # not durable: a hold lost in a crash goes with its request, as release_stale_holds would undo it
-    with db.account_lock(who.account_id, durable=False) as (conn, account):
-        price = _price(conn, estimate.model)
+    with db.money_transaction(durable=False) as conn:
+        price = _price(conn, estimate.model)  # before the lock, which other requests queue on
         amount = worst_case_cost(price, estimate.prompt_tokens, estimate.max_completion_tokens)
+        account = db.lock_account(conn, who.account_id)
         if account is None:
             return Insufficient(balance_micros=0, needed_micros=amount)
         if account.balance_micros >= amount:

@@ -3,7 +3,7 @@
 Owns turning what an operator types (`--db`, `LOOM_DB`, nothing) into a SQLAlchemy engine:
 SQLite by default (a WAL file under the user's data directory), PostgreSQL for
 `postgresql://...` URLs (driver: psycopg 3). Owns the transaction helpers every platform write
-goes through, and `account_lock`, the one place an account row is locked: `SELECT ... FOR UPDATE`
+goes through, and `lock_account` (in `account_lock`), the one place an account row is locked: `SELECT ... FOR UPDATE`
 on PostgreSQL; on SQLite the write transaction itself starts with `BEGIN IMMEDIATE`, which takes
 the database's write lock before the first read, so a balance read is never stale. Never decides
 what a request costs and never holds a session across a request.
@@ -113,7 +113,14 @@ class Database:
     @contextmanager
     def account_lock(self, account_id: int, *, durable: bool = True) -> Iterator[tuple[Connection, AccountMoney | None]]:
         """A write transaction holding `account_id`'s row lock until it ends: every change of
-        money goes through here, so two changes of one account never interleave.
+        money goes through here (or through `money_transaction` + `lock_account`), so two
+        changes of one account never interleave."""
+        with self.money_transaction(durable=durable) as conn:
+            yield conn, self.lock_account(conn, account_id)
+
+    @contextmanager
+    def money_transaction(self, *, durable: bool = True) -> Iterator[Connection]:
+        """A write transaction for reads that need no lock, then `lock_account`, then the change.
 
         `durable=False` lets PostgreSQL commit without waiting for the WAL flush (the transaction
         stays atomic; a crash may lose the last fraction of a second of such commits). The row
@@ -121,8 +128,12 @@ class Database:
         flush: measured 32 holds at once ~200 ms synchronous. Only for a change whose loss in a
         crash is harmless (a hold: it vanishes with its request, balance and hold together)."""
         with self._sqlite_writer, (self._writes if durable else self._lazy_writes).begin() as conn:
-            row = conn.execute(_LOCK_ACCOUNT, {"id": account_id}).first()
-            yield conn, (AccountMoney(row.balance_micros, row.held_micros) if row is not None else None)
+            yield conn
+
+    def lock_account(self, conn: Connection, account_id: int) -> AccountMoney | None:
+        """The one place an account row is locked (until `conn`'s transaction ends)."""
+        row = conn.execute(_LOCK_ACCOUNT, {"id": account_id}).first()
+        return AccountMoney(row.balance_micros, row.held_micros) if row is not None else None
 
     def upgrade(self) -> None:
         """Applies every Alembic migration not yet applied (several processes may race: they queue)."""
