@@ -17,7 +17,8 @@ Order of operations (each step skipped when no row in the batch needs it):
      when their mass reaches top_p; only rows where it does not are sorted whole
   7. min_p: tokens whose probability is below min_p * max probability are dropped
   8. the draw, by inverse CDF: the row's cumulative (unnormalized) probabilities are searched for
-     its uniform number times their total. One number per row (drawn when the batch was built,
+     its uniform number times their total; over the vocabulary in token-id order, or for a top_p
+     row over its kept tokens in descending probability (no vocabulary-sized pass after step 6). One number per row (drawn when the batch was built,
      from the row's own generator when it has a seed), so a seeded request samples the same
      alone or batched, and no vocabulary-sized random tensor is made
   9. logprobs: the sampled token's logprob and rank, and the top k, gathered from step 0.
@@ -105,12 +106,11 @@ class Sampler:
         if batch.temperature is not None:
             logits = logits / batch.temperature.unsqueeze(1)
         logits = _apply_top_k(logits, batch)
-        logits = _apply_top_p(logits, batch)
         probs = logits.softmax(dim=-1)
-        if batch.min_p is not None:
-            threshold = batch.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
-            probs = probs.masked_fill(probs < threshold, 0.0)
-        sampled = _draw(probs, batch.uniform)
+        if batch.top_p is None:
+            sampled = _draw(_apply_min_p(probs, batch.min_p), batch.uniform)
+        else:
+            sampled = _draw_top_p(probs, batch)
         if bool(batch.greedy.any()):
             sampled = torch.where(batch.greedy, logits.argmax(dim=-1), sampled)
         return sampled, alive
@@ -129,33 +129,57 @@ def _apply_top_k(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return logits.index_copy(0, rows, sub.masked_fill(sub < kth, _NEG_INF))
 
 
-def _apply_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Step 6 without a full-vocabulary sort where it can: the row's `_TOP_P_CANDIDATES` most
-    likely tokens (one `topk`, ~15x cheaper than a sort of 49,152 logits) decide the row exactly
-    when their mass reaches top_p, since every token after them then has mass before it >= top_p.
-    Rows whose candidates fall short (a very flat distribution) are sorted whole."""
-    if batch.top_p is None:
-        return logits
+def _apply_min_p(probs: torch.Tensor, min_p: torch.Tensor | None) -> torch.Tensor:
+    if min_p is None:
+        return probs
+    return probs.masked_fill(probs < min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True), 0.0)
+
+
+def _draw_top_p(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Steps 6-8 for a batch where some rows use top_p (the others draw over the vocabulary)."""
+    assert batch.top_p is not None
     rows, p = batch.top_p.rows, batch.top_p.values
-    sub = logits.index_select(0, rows)  # [M, vocab]
-    k = min(_TOP_P_CANDIDATES, sub.shape[1])
-    top_probs, order = sub.softmax(dim=-1).topk(k, dim=-1)  # best first
-    mass = top_probs.cumsum(dim=-1)
-    covered = mass[:, -1] >= p
-    top_logits = sub.gather(1, order).masked_fill(mass - top_probs >= p.unsqueeze(1), _NEG_INF)
-    kept = torch.full_like(sub, _NEG_INF).scatter_(-1, order, top_logits)
-    if not bool(covered.all()):
-        short = (~covered).nonzero().squeeze(1)
-        kept.index_copy_(0, short, _top_p_sorted(sub.index_select(0, short), p.index_select(0, short)))
-    return logits.index_copy(0, rows, kept)
+    min_p = batch.min_p
+    if rows.numel() == probs.shape[0]:  # every row: nothing is drawn over the whole vocabulary
+        return _draw_nucleus(probs, p, batch.uniform, min_p)
+    sampled = _draw(_apply_min_p(probs, min_p), batch.uniform)
+    nucleus = _draw_nucleus(
+        probs.index_select(0, rows),
+        p,
+        batch.uniform.index_select(0, rows),
+        min_p.index_select(0, rows) if min_p is not None else None,
+    )
+    return sampled.index_copy(0, rows, nucleus)
 
 
-def _top_p_sorted(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(mass_before >= p.unsqueeze(1), _NEG_INF)
-    return torch.full_like(sorted_logits, _NEG_INF).scatter_(-1, order, sorted_logits)
+def _draw_nucleus(probs: torch.Tensor, p: torch.Tensor, uniform: torch.Tensor, min_p: torch.Tensor | None) -> torch.Tensor:
+    """Top-p (then min-p) and the draw over each row's tokens in descending probability, without
+    sorting the vocabulary: the row's `_TOP_P_CANDIDATES` most likely tokens (one `topk`, ~15x
+    cheaper than a sort of 49,152) hold every token top_p keeps when their mass reaches p, since
+    every later token has mass before it >= p. Rows whose candidates fall short (a very flat
+    distribution) are sorted whole. Which path a row takes depends on that row alone, so a seeded
+    row draws the same token whatever else is in the batch."""
+    top, order = probs.topk(min(_TOP_P_CANDIDATES, probs.shape[1]), dim=-1)  # best first
+    chosen = _draw_sorted(top, order, p, uniform, min_p)
+    short = top.sum(dim=-1) < p
+    if bool(short.any()):
+        idx = short.nonzero().squeeze(1)
+        whole, whole_order = probs.index_select(0, idx).sort(dim=-1, descending=True)
+        row_min_p = min_p.index_select(0, idx) if min_p is not None else None
+        redrawn = _draw_sorted(whole, whole_order, p.index_select(0, idx), uniform.index_select(0, idx), row_min_p)
+        chosen = chosen.index_copy(0, idx, redrawn)
+    return chosen
+
+
+def _draw_sorted(
+    sorted_probs: torch.Tensor, order: torch.Tensor, p: torch.Tensor, uniform: torch.Tensor, min_p: torch.Tensor | None
+) -> torch.Tensor:
+    """The draw over probabilities sorted best first (`order` maps them back to token ids): a
+    token is dropped when the mass strictly before it reaches p, then below min_p x the best."""
+    kept = sorted_probs.masked_fill(sorted_probs.cumsum(dim=-1) - sorted_probs >= p.unsqueeze(1), 0.0)
+    if min_p is not None:
+        kept = kept.masked_fill(kept < min_p.unsqueeze(1) * sorted_probs[:, :1], 0.0)
+    return order.gather(1, _draw(kept, uniform).unsqueeze(1)).squeeze(1)
 
 
 def _draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

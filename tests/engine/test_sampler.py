@@ -223,21 +223,21 @@ def test_min_tokens_applies_only_to_its_own_row() -> None:
     assert tokens[0] != EOS and tokens[1] == EOS
 
 
-def test_top_p_from_candidates_keeps_exactly_what_a_full_sort_keeps() -> None:
-    """Peaked rows are decided by their 256 candidates, flat rows fall back to the sort: both
-    keep the same tokens as the reference sort over the whole vocabulary."""
-    from types import SimpleNamespace
-
-    from loom.engine.sampler import _apply_top_p, _top_p_sorted
+def test_top_p_from_candidates_draws_exactly_what_a_full_sort_draws() -> None:
+    """Peaked rows are decided by their 256 candidates, flat rows fall back to the sort: for any
+    uniform number both pick the token the reference (the whole vocabulary sorted) picks."""
+    from loom.engine.sampler import _TOP_P_CANDIDATES, _draw_nucleus, _draw_sorted
 
     gen = torch.Generator().manual_seed(0)
     vocab = 4096
     logits = torch.cat([torch.randn(6, vocab, generator=gen) * 6, torch.randn(4, vocab, generator=gen) * 0.01])
+    probs = logits.softmax(dim=-1)
     p = torch.tensor([0.95, 0.5, 0.99, 0.1, 0.9999, 0.7, 0.95, 0.5, 0.99, 0.3])
-    rows = torch.arange(10)
-    batch = SimpleNamespace(top_p=SimpleNamespace(rows=rows, values=p))
-    got = _apply_top_p(logits, batch)  # type: ignore[arg-type]
-    want = _top_p_sorted(logits, p)
-    assert torch.equal(got.isfinite(), want.isfinite())
-    kept = got.isfinite().sum(dim=1)
-    assert (kept[:6] < 256).any() and (kept[6:] > 256).all()  # both paths were taken
+    min_p = torch.tensor([0.0, 0.0, 0.01, 0.0, 0.2, 0.0, 0.0, 0.0, 0.5, 0.0])
+    whole, order = probs.sort(dim=-1, descending=True)
+    for u in torch.linspace(0, 0.999, 41):
+        uniform = torch.full((10,), float(u))
+        for mp in (None, min_p):
+            assert torch.equal(_draw_nucleus(probs, p, uniform, mp), _draw_sorted(whole, order, p, uniform, mp))
+    covered = probs.topk(_TOP_P_CANDIDATES, dim=-1).values.sum(dim=-1) >= p
+    assert covered[:6].any() and not covered[6:].any()  # both paths were taken
