@@ -11,8 +11,9 @@ whose `settle(usage, ending)` it calls when the request ends, however it ends.
 A hold the route never settled is released free when the response is over (a server-side failure
 costs nothing). A stream settles after its last byte went out (its client does not wait on the
 account's row lock, which every request of that account queues on); `/v1/usage` waits for the
-settlements still running in this process, so a caller reads its row as soon as its stream ended. `AuthedKey` is None while the server is open (no key, no JWT) or runs without a
-platform; then every other dependency lets the request through.
+settlements still running in this process, so a caller reads its row as soon as its stream
+ended. `AuthedKey` is None while the server is open (no key, no JWT) or runs without a platform;
+then every other dependency lets the request through.
 
 Platform calls block on the database or Redis, so they run on worker threads; their failures
 answer 503 without detail. Credentials never reach a log or an answer.

@@ -16,6 +16,7 @@ from loom.platform.db import Account
 from loom.platform.keys import create_key
 from loom.platform.ledger import add_credit, set_price
 from loom.platform.money import Price
+from loom.platform.store import Database
 
 PRICE = Price(input_micros=1_000_000, cached_input_micros=500_000, output_micros=2_000_000)
 BODY = {"model": "m", "prompt": 100, "max_tokens": 50, "n": 2, "produce": 30}  # worst case 300, actual 160
@@ -146,3 +147,34 @@ def test_open_server_bills_no_one(platform: Platform) -> None:
         response = client.post("/v1/work", json=BODY)
         assert response.json() == {"cost_micros": None, "hold_id": None}
         assert client.get("/v1/usage").json()["data"] == []
+
+
+def test_a_stream_ends_for_its_client_before_its_settlement_is_written(platform: Platform) -> None:
+    """The account's row lock (every request of the account queues on it) is no part of a
+    stream's latency: the body ends while its settlement waits, and `/v1/usage` waits for it."""
+    auth = _funded(platform, 10_000)
+    other = Database(platform.db.url)  # another server's transaction holding the account's lock
+    account_id = _account_id(platform)
+    body = {**BODY, "stream": True, "delay": 0.01}
+    with live(platform_app(platform)) as base_url:
+        with httpx.stream("POST", f"{base_url}/v1/work", json=body, headers=auth, timeout=10) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            with other.money_transaction() as conn:
+                other.lock_account(conn, account_id)
+                rest = [line for line in lines if line]  # the body ends although its settlement cannot start
+                assert rest[-1] == f"data: {BODY['produce'] - 1}"
+                assert _usage_held(other, conn, account_id) == 300
+        [record] = httpx.get(f"{base_url}/v1/usage", headers=auth, timeout=10).json()["data"]
+    other.dispose()
+    assert (record["status"], record["cost_micros"]) == ("ok", 160)
+    assert _balance(platform) == (10_000 - 160, 0)
+
+
+def _account_id(platform: Platform, account: str = "acme") -> int:
+    with platform.db.read() as session:
+        return session.query(Account).filter_by(name=account).one().id
+
+
+def _usage_held(db: Database, conn: Any, account_id: int) -> int:
+    return int(conn.execute(text("SELECT held_micros FROM accounts WHERE id = :id"), {"id": account_id}).scalar_one())
