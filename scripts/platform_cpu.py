@@ -33,6 +33,7 @@ from loom.platform import (
 from loom.platform.keys import create_key
 from loom.platform.ledger import add_credit, new_hold_id, set_price
 from loom.platform.money import Price
+from loom.platform.store import describe
 
 
 def database_cpu_s() -> float:
@@ -55,11 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--db", default=None, metavar="URL", help="database URL (default: a new SQLite file)")
     p.add_argument("--requests", type=int, default=400, help="requests per measurement (default 400)")
     args = p.parse_args(argv)
+    if args.requests < 1:
+        p.error("--requests must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:
         db_url = args.db or str(Path(tmp) / "loom.db")
         scope = uuid.uuid4().hex
         platform = Platform(PlatformConfig(db_url=db_url, limits_scope=scope))
-        account, model = f"cpu-bench-{scope[:12]}", f"cpu-bench-{scope[:12]}"
+        account = model = f"cpu-bench-{scope[:12]}"  # its own account and price, beside any others
         set_price(platform.db, model, Price(100_000, 50_000, 400_000))
         add_credit(platform.db, account, 10**12)
         key, _ = create_key(platform.db, account, rpm=10**6, tpm=10**9)  # limits counted, never reached
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for i in range(20):  # warm-up: connections, statement caches
             one(i)
-        print(f"platform work per request on {platform.describe().split(',')[0].removeprefix('platform: ')}")
+        print(f"platform work per request on {describe(platform.db.url)}")
         for workers in (1, 32):
             cpu, db_cpu, wall = time.process_time(), database_cpu_s(), time.perf_counter()
             with ThreadPoolExecutor(workers) as pool:

@@ -11,8 +11,8 @@ whose `settle(usage, ending)` it calls when the request ends, however it ends.
 A hold the route never settled is released free when the response is over (a server-side failure
 costs nothing). A stream settles after its last byte went out (its client does not wait on the
 account's row lock, which every request of that account queues on); `/v1/usage` waits for the
-settlements still running in this process, so a caller reads its row as soon as its stream
-ended. `AuthedKey` is None while the server is open (no key, no JWT) or runs without a platform;
+caller's settlements still running in this process, so a caller reads its row as soon as its
+stream ended. `AuthedKey` is None while the server is open (no key, no JWT) or runs without a platform;
 then every other dependency lets the request through.
 
 Platform calls block on the database or Redis, so they run on worker threads; their failures
@@ -70,12 +70,14 @@ class PlatformState:
 
     platform: Platform | None
     num_waiting: Callable[[], int]  # the engine's waiting-queue length, for 503 admission
-    settling: set[asyncio.Task[Any]] = field(default_factory=set)  # streams' settlements still running
+    settling: dict[asyncio.Task[Any], int] = field(default_factory=dict)  # streams' settlements running -> account
 
-    async def settled(self) -> None:
-        """Returns once every settlement running now has finished (however it finished)."""
-        if self.settling:
-            await asyncio.gather(*self.settling, return_exceptions=True)
+    async def settled(self, account_id: int) -> None:
+        """Returns once the account's settlements running now have finished (however they
+        finished); another tenant's slow settlement never delays this one's reads."""
+        mine = [task for task, owner in self.settling.items() if owner == account_id]
+        if mine:
+            await asyncio.gather(*mine, return_exceptions=True)
 
 
 def install_platform(app: FastAPI, platform: Platform | None, num_waiting: Callable[[], int]) -> None:
@@ -256,12 +258,12 @@ class Meter:
     def _settle_later(self, used: FinalUsage, ending: Ending) -> None:
         """Settles in a task of its own, so the response's last chunk goes out now (`settled`
         waits for it)."""
-        if self._platform is None or self._admitted is None or self._settling is not None:
+        if self._platform is None or self._key is None or self._admitted is None or self._settling is not None:
             return
         self._settling = asyncio.ensure_future(self.settle(used, ending))
         running = platform_state(self._request).settling
-        running.add(self._settling)
-        self._settling.add_done_callback(running.discard)
+        running[self._settling] = self._key.account_id
+        self._settling.add_done_callback(lambda task: running.pop(task, None))
 
     async def settled(self) -> None:
         """Waits for a settlement `stream` started (never raises: `settle` logs its failures)."""

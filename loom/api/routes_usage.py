@@ -76,7 +76,7 @@ def usage_router() -> APIRouter:
         platform = state.platform
         if platform is None or key is None:  # an open server bills no one, so it records no one
             return UsagePage(data=[], has_more=False)
-        await state.settled()  # a stream that just ended may still be writing its row
+        await state.settled(key.account_id)  # a stream that just ended may still be writing its row
         start = datetime.fromtimestamp(since, UTC) if since is not None else None
         rows = await run_blocking(lambda: platform.usage_records(key, limit=limit + 1, since=start, before=before))
         return UsagePage(data=[_out(r) for r in rows[:limit]], has_more=len(rows) > limit)

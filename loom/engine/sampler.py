@@ -18,9 +18,10 @@ Order of operations (each step skipped when no row in the batch needs it):
   7. min_p: tokens whose probability is below min_p * max probability are dropped
   8. the draw, by inverse CDF: the row's cumulative (unnormalized) probabilities are searched for
      its uniform number times their total; over the vocabulary in token-id order, or for a top_p
-     row over its kept tokens in descending probability (no vocabulary-sized pass after step 6). One number per row (drawn when the batch was built,
-     from the row's own generator when it has a seed), so a seeded request samples the same
-     alone or batched, and no vocabulary-sized random tensor is made
+     row over its kept tokens in descending probability (no vocabulary-sized pass after step 6).
+     One number per row (drawn when the batch was built, from the row's own generator when it
+     has a seed), so a seeded request samples the same alone or batched, and no
+     vocabulary-sized random tensor is made
   9. logprobs: the sampled token's logprob and rank, and the top k, gathered from step 0.
 
 Logprobs (sampled and prompt alike) come from the RAW model distribution: the softmax of the
@@ -152,7 +153,9 @@ def _draw_top_p(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return sampled.index_copy(0, rows, nucleus)
 
 
-def _draw_nucleus(probs: torch.Tensor, p: torch.Tensor, uniform: torch.Tensor, min_p: torch.Tensor | None) -> torch.Tensor:
+def _draw_nucleus(
+    probs: torch.Tensor, p: torch.Tensor, uniform: torch.Tensor, min_p: torch.Tensor | None
+) -> torch.Tensor:
     """Top-p (then min-p) and the draw over each row's tokens in descending probability, without
     sorting the vocabulary: the row's `_TOP_P_CANDIDATES` most likely tokens (one `topk`, ~15x
     cheaper than a sort of 49,152) hold every token top_p keeps when their mass reaches p, since

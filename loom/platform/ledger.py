@@ -53,16 +53,13 @@ _MOVE = (
         held_micros=Account.held_micros + bindparam("to_held", type_=BigInteger),
     )
 )
-_CLOSE_HOLD = update(Hold).where(Hold.id == bindparam("hold")).values(state=bindparam("new_state"), closed_at=bindparam("at"))
+_CLOSE_HOLD = (
+    update(Hold).where(Hold.id == bindparam("hold")).values(state=bindparam("new_state"), closed_at=bindparam("at"))
+)
 _NEW_USAGE = insert(Usage)
 # a hold id placed twice is skipped: RETURNING gives a row only when this one was inserted
 _NEW_HOLD_SQLITE = sqlite_insert(Hold).on_conflict_do_nothing().returning(Hold.id)
 _NEW_HOLD_POSTGRESQL = postgresql_insert(Hold).on_conflict_do_nothing().returning(Hold.id)
-
-
-def get_price(db: Database, model: str) -> Price:
-    with db.lookup() as conn:
-        return _price(conn, model)
 
 
 def hold(db: Database, hold_id: str, who: Principal, estimate: Estimate) -> Held | Insufficient:
@@ -112,18 +109,21 @@ def close(
             return Settlement(hold_id, settled.cost_micros, Ending(settled.status))
         price = Price(held.input_micros, held.cached_input_micros, held.output_micros)
         cost = _cost(hold_id, held.amount_micros, price, used) if ending.billed else 0
-        conn.execute(_MOVE, {"account": account_id, "to_balance": held.amount_micros - cost, "to_held": -held.amount_micros})
+        moved = {"account": account_id, "to_balance": held.amount_micros - cost, "to_held": -held.amount_micros}
+        conn.execute(_MOVE, moved)
         state = "settled" if ending.billed else "released"
         conn.execute(_CLOSE_HOLD, {"hold": hold_id, "new_state": state, "at": utcnow()})
-        conn.execute(_NEW_USAGE, _usage_row(hold_id, account_id, held.key_id, held.model, used, cost, ending, meta, latency_ms))
+        row = _usage_row(hold_id, account_id, held.key_id, held.model, used, cost, ending, meta, latency_ms)
+        conn.execute(_NEW_USAGE, row)
     return Settlement(hold_id, cost, ending)
 
 
 def record_rejected(db: Database, who: Principal, model: str, meta: RequestMeta, latency_ms: int) -> str:
     """A usage row for a request refused before any hold (402, or 429 on tokens): it cost nothing."""
     row_id = new_hold_id()
+    row = _usage_row(row_id, who.account_id, who.key_id, model, FinalUsage(), 0, Ending.REJECTED, meta, latency_ms)
     with db.write() as session:
-        session.execute(_NEW_USAGE, _usage_row(row_id, who.account_id, who.key_id, model, FinalUsage(), 0, Ending.REJECTED, meta, latency_ms))
+        session.execute(_NEW_USAGE, row)
     return row_id
 
 

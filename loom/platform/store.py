@@ -3,13 +3,13 @@
 Owns turning what an operator types (`--db`, `LOOM_DB`, nothing) into a SQLAlchemy engine:
 SQLite by default (a WAL file under the user's data directory), PostgreSQL for
 `postgresql://...` URLs (driver: psycopg 3). Owns the transaction helpers every platform write
-goes through, and `lock_account` (in `account_lock`), the one place an account row is locked: `SELECT ... FOR UPDATE`
+goes through, and `lock_account`, the one place an account row is locked: `SELECT ... FOR UPDATE`
 on PostgreSQL; on SQLite the write transaction itself starts with `BEGIN IMMEDIATE`, which takes
 the database's write lock before the first read, so a balance read is never stale. Never decides
 what a request costs and never holds a session across a request.
 
-Every request runs through `lookup` (authentication) and `account_lock` (hold, settle) on plain
-SQLAlchemy Core connections, not ORM sessions: the ORM cost ~10 ms of CPU per request on the
+Every request runs through `lookup` (authentication) and `money_transaction` + `lock_account`
+(hold, settle) on plain SQLAlchemy Core connections, not ORM sessions: the ORM cost ~10 ms of CPU per request on the
 2-core benchmark machine, CPU the engine lost. PostgreSQL connections are pinged before use only
 after sitting idle (`_PING_AFTER_IDLE_S`), not on every checkout.
 """
@@ -38,7 +38,9 @@ _SQLITE_BUSY_TIMEOUT_S = 30.0  # other writers hold the lock for milliseconds; w
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _PING_AFTER_IDLE_S = 10.0  # a pooled connection unused this long is checked before a request gets it
 _LAST_USED = "loom_last_used"
-_LOCK_ACCOUNT = select(Account.balance_micros, Account.held_micros).where(Account.id == bindparam("id")).with_for_update()
+_LOCK_ACCOUNT = (
+    select(Account.balance_micros, Account.held_micros).where(Account.id == bindparam("id")).with_for_update()
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +113,9 @@ class Database:
             yield conn
 
     @contextmanager
-    def account_lock(self, account_id: int, *, durable: bool = True) -> Iterator[tuple[Connection, AccountMoney | None]]:
+    def account_lock(
+        self, account_id: int, *, durable: bool = True
+    ) -> Iterator[tuple[Connection, AccountMoney | None]]:
         """A write transaction holding `account_id`'s row lock until it ends: every change of
         money goes through here (or through `money_transaction` + `lock_account`), so two
         changes of one account never interleave."""

@@ -129,7 +129,8 @@ def test_a_stale_hold_that_cannot_be_released_is_left_and_the_others_are_release
     who = _funded(db, 1_000)
     ledger.hold(db, "h1", who, ESTIMATE)
     ledger.hold(db, "h2", who, ESTIMATE)
-    with db.write() as session:  # one hold's money is gone from `held` (a bug, a hand edit): one release would go negative
+    # one hold's money is gone from `held` (a bug, a hand edit): releasing both would go negative
+    with db.write() as session:
         session.get_one(Account, who.account_id).held_micros -= 300
     assert ledger.release_stale_holds(db, timedelta(seconds=-1)) == 1
     assert _money(db, who) == (700, 0)

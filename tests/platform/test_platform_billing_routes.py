@@ -151,8 +151,10 @@ def test_open_server_bills_no_one(platform: Platform) -> None:
 
 def test_a_stream_ends_for_its_client_before_its_settlement_is_written(platform: Platform) -> None:
     """The account's row lock (every request of the account queues on it) is no part of a
-    stream's latency: the body ends while its settlement waits, and `/v1/usage` waits for it."""
+    stream's latency: the body ends while its settlement waits, and the caller's `/v1/usage`
+    (not another tenant's) waits for it."""
     auth = _funded(platform, 10_000)
+    theirs = _funded(platform, 10_000, account="other")
     other = Database(platform.db.url)  # another server's transaction holding the account's lock
     account_id = _account_id(platform)
     body = {**BODY, "stream": True, "delay": 0.01}
@@ -164,7 +166,9 @@ def test_a_stream_ends_for_its_client_before_its_settlement_is_written(platform:
                 other.lock_account(conn, account_id)
                 rest = [line for line in lines if line]  # the body ends although its settlement cannot start
                 assert rest[-1] == f"data: {BODY['produce'] - 1}"
-                assert _usage_held(other, conn, account_id) == 300
+                assert _held(conn, account_id) == 300
+                # another tenant's usage read does not wait for this settlement
+                assert httpx.get(f"{base_url}/v1/usage", headers=theirs, timeout=5).json()["data"] == []
         [record] = httpx.get(f"{base_url}/v1/usage", headers=auth, timeout=10).json()["data"]
     other.dispose()
     assert (record["status"], record["cost_micros"]) == ("ok", 160)
@@ -176,5 +180,5 @@ def _account_id(platform: Platform, account: str = "acme") -> int:
         return session.query(Account).filter_by(name=account).one().id
 
 
-def _usage_held(db: Database, conn: Any, account_id: int) -> int:
+def _held(conn: Any, account_id: int) -> int:
     return int(conn.execute(text("SELECT held_micros FROM accounts WHERE id = :id"), {"id": account_id}).scalar_one())
