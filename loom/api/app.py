@@ -53,9 +53,7 @@ CHAT_PATHS = ("/v1/chat/completions", "/v1/chat/completions/", "/api/v1/chat/com
 
 def create_app(config: ServerConfig, engine: AsyncEngine, platform: Platform | None = None) -> FastAPI:
     renderer = TemplateRenderer(trust_request_templates=config.trust_request_chat_template)
-    chat = ChatService(
-        engine, config.model_name, renderer, parser_config(config), config.structured_outputs_backend
-    )
+    chat = ChatService(engine, config.model_name, renderer, parser_config(config), config.structured_outputs_backend)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -67,9 +67,7 @@ def to_chat_request(req: ChatCompletionRequest, header_request_id: str | None = 
             token_ids=bool(req.return_token_ids),
             echo=req.echo,
         ),
-        search=SearchOptions(
-            best_of=req.best_of, beam_search=req.use_beam_search, length_penalty=req.length_penalty
-        ),
+        search=SearchOptions(best_of=req.best_of, beam_search=req.use_beam_search, length_penalty=req.length_penalty),
         bad_words=tuple(req.bad_words or ()),
         truncate_prompt_tokens=req.truncate_prompt_tokens,
         priority=req.priority,

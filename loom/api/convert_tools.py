@@ -43,7 +43,9 @@ def _choice(req: ChatCompletionRequest, legacy: bool) -> tuple[str | None, str |
         call = req.function_call
         if isinstance(call, dict):
             if not isinstance(call.get("name"), str):
-                raise UnprocessableEntityError("function_call must be 'none', 'auto' or {\"name\": ...}", param="function_call")
+                raise UnprocessableEntityError(
+                    "function_call must be 'none', 'auto' or {\"name\": ...}", param="function_call"
+                )
             return None, call["name"]
         return call, None
     choice = req.tool_choice if "tool_choice" in req.model_fields_set else None

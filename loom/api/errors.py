@@ -105,9 +105,7 @@ class ServiceUnavailableError(APIError):
 
 
 def model_not_found(model: str) -> NotFoundError:
-    return NotFoundError(
-        f"The model `{model}` does not exist.", param="model", code="model_not_found"
-    )
+    return NotFoundError(f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
 
 def unsupported_parameters(names: Sequence[str]) -> UnprocessableEntityError:
@@ -120,9 +118,7 @@ def unsupported_parameters(names: Sequence[str]) -> UnprocessableEntityError:
     )
 
 
-def error_envelope(
-    message: str, type: str, param: str | None = None, code: str | int | None = None
-) -> dict[str, Any]:
+def error_envelope(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
     """The OpenAI error body; also what an SSE stream sends when it fails mid-way."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 

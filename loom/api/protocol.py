@@ -241,9 +241,7 @@ class ChatCompletionRequest(SamplingFields):
     function_call: Literal["none", "auto"] | dict[str, Any] | None = None
 
     # -- reasoning
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = (
-        None
-    )
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     include_reasoning: bool = True
     reasoning_content: bool | None = False  # spec 001: "enable reasoning content in response"
     thinking_token_budget: int | None = Field(default=None, ge=0, le=_INT32_MAX)  # vLLM's; else the effort's
@@ -270,9 +268,7 @@ class ChatCompletionRequest(SamplingFields):
 
     @field_validator("top_logprobs")
     @classmethod
-    def _top_logprobs_need_logprobs(
-        cls, top_logprobs: int | None, info: ValidationInfo
-    ) -> int | None:
+    def _top_logprobs_need_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
         if top_logprobs and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs to be true")
         return top_logprobs
@@ -281,9 +277,7 @@ class ChatCompletionRequest(SamplingFields):
     @classmethod
     def _continue_excludes_generation_prompt(cls, value: bool, info: ValidationInfo) -> bool:
         if value and info.data.get("add_generation_prompt"):
-            raise ValueError(
-                "continue_final_message cannot be used with add_generation_prompt=true"
-            )
+            raise ValueError("continue_final_message cannot be used with add_generation_prompt=true")
         return value
 
 
@@ -387,9 +381,7 @@ def unsupported_fields(req: ChatCompletionRequest) -> list[str]:
     return [
         name
         for name in ChatCompletionRequest.model_fields
-        if name in req.model_fields_set
-        and name not in HONORED_FIELDS
-        and not _is_off(name, getattr(req, name), req)
+        if name in req.model_fields_set and name not in HONORED_FIELDS and not _is_off(name, getattr(req, name), req)
     ]
 
 

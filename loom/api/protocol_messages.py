@@ -175,8 +175,7 @@ class CustomToolCallParam(WireModel):
 
 
 ToolCallParam = Annotated[
-    Annotated[FunctionToolCallParam, Tag("function")]
-    | Annotated[CustomToolCallParam, Tag("custom")],
+    Annotated[FunctionToolCallParam, Tag("function")] | Annotated[CustomToolCallParam, Tag("custom")],
     _tagged("function"),
 ]
 
@@ -232,12 +231,7 @@ class FunctionMessage(WireModel):
 
 
 ChatMessageParam = Annotated[
-    SystemMessage
-    | DeveloperMessage
-    | UserMessage
-    | AssistantMessage
-    | ToolMessage
-    | FunctionMessage,
+    SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage | FunctionMessage,
     Field(discriminator="role"),
 ]
 

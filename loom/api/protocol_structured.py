@@ -54,9 +54,7 @@ class StructuralTagResponseFormat(WireModel):
         return self
 
 
-AnyResponseFormat = Annotated[
-    ResponseFormat | StructuralTagResponseFormat, Field(discriminator="type")
-]
+AnyResponseFormat = Annotated[ResponseFormat | StructuralTagResponseFormat, Field(discriminator="type")]
 
 
 class StructuredOutputs(WireModel):

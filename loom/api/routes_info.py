@@ -55,5 +55,7 @@ def info_router(names: tuple[str, ...], max_model_len: Callable[[], int], is_run
         raise model_not_found(model_id)
 
     for prefix in ("/v1/models/", "/api/v1/models/"):
-        router.add_api_route(prefix + "{model_id:path}", model, methods=["GET"], include_in_schema=prefix == "/v1/models/")
+        router.add_api_route(
+            prefix + "{model_id:path}", model, methods=["GET"], include_in_schema=prefix == "/v1/models/"
+        )
     return router

@@ -75,7 +75,9 @@ def loads_strict(raw: bytes | str) -> Any:
     """`json.loads` with the refusals above, each raised as `json.JSONDecodeError`."""
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        value = json.loads(text, object_pairs_hook=_object, parse_constant=_constant, parse_float=_float, parse_int=_int)
+        value = json.loads(
+            text, object_pairs_hook=_object, parse_constant=_constant, parse_float=_float, parse_int=_int
+        )
         _check_strings(value)
     except json.JSONDecodeError:
         raise

@@ -9,4 +9,12 @@ from loom.engine.config import EngineConfig
 from loom.engine.factory import build_engine
 from loom.engine.sampling_params import SamplingParams
 
-__all__ = ["AsyncEngine", "EngineConfig", "EngineError", "EngineStats", "RequestOutput", "SamplingParams", "build_engine"]
+__all__ = [
+    "AsyncEngine",
+    "EngineConfig",
+    "EngineError",
+    "EngineStats",
+    "RequestOutput",
+    "SamplingParams",
+    "build_engine",
+]

@@ -269,7 +269,15 @@ class AsyncEngine:
             text += stream.detok.flush()
         stream.finished = finish_reason is not None
         return RequestOutput(
-            out.req_id, out.new_token_ids, text, stream.finished, finish_reason, stop_reason,
-            out.num_prompt_tokens, stream.num_output_tokens,
-            out.logprobs, out.prompt_logprobs, out.num_cached_tokens,
+            out.req_id,
+            out.new_token_ids,
+            text,
+            stream.finished,
+            finish_reason,
+            stop_reason,
+            out.num_prompt_tokens,
+            stream.num_output_tokens,
+            out.logprobs,
+            out.prompt_logprobs,
+            out.num_cached_tokens,
         )

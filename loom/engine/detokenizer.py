@@ -39,9 +39,7 @@ class _StreamDecoder:
     one character, SentencePiece's leading space).
     """
 
-    def __init__(
-        self, tokenizer: Tokenizer, skip_special_tokens: bool, separate_specials: bool
-    ) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool, separate_specials: bool) -> None:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         # Only when special tokens are rendered and spaced do they split the ids into segments.

@@ -37,7 +37,9 @@ def build_engine(config: EngineConfig, progress: Callable[[int, int], None] | No
 
     def build_core() -> EngineCore:
         torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
-        model = load_model(config.model_path, config.torch_dtype, progress, config.quantization, config.weight_cache_dir)
+        model = load_model(
+            config.model_path, config.torch_dtype, progress, config.quantization, config.weight_cache_dir
+        )
         cfg = model.config
         max_model_len = resolve_max_model_len(config, cfg.max_position_embeddings)
         num_blocks = num_kv_blocks(config, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)

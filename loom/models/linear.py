@@ -5,22 +5,26 @@ that picks a kernel per call. Never reads files (loaders do) or decides where te
 
 | method | stored | kernel |
 |---|---|---|
-| none | the weight in `dense_dtype` | oneDNN-packed bf16 where the CPU has native bf16, else `F.linear` |
+| none | the weight in `dense_dtype` | oneDNN-packed (`dense_module`), else `F.linear` |
 | int8 | int8 codes, one scale per output row, + a dense copy | `_weight_int8pack_mm` |
 | int4 | 4-bit codes, scale and zero per 32 values of a row, + a dense copy | `_weight_int4pack_mm_for_cpu` |
 
 A Q4_1 GGUF's blocks become int4 codes as they are (the same bits llama.cpp reads); a float
 weight is quantized. The output head of an int4 model stays dense (`head_quantization`).
 
-Weight-only kernels read 2-4x fewer bytes, which pays while a step is memory-bound (few rows)
-and costs once it is compute-bound, so quantized methods keep a dense copy too and
-`RowSwitchLinear` takes, per call, how many leading rows go to the quantized kernel: the model
-passes its decode rows when a step has at most `MAX_QUANTIZED_ROWS` of them, else none; prefill
-rows always take the dense copy. The dense copy holds exactly the values the quantized kernel
-computes with (dequantized codes), and both kernels give each row the same bits whatever the
-other rows are (oneDNN-packed dense, PyTorch's weight-only kernels; MKL's `F.linear` does not:
-one row goes through gemv), so a request's tokens depend on the batch it shares a step with
-only through the decode-row count crossing `MAX_QUANTIZED_ROWS`.
+Few rows and many rows want different kernels. Weight-only kernels read 2-4x fewer bytes, which
+pays while a step is memory-bound (few rows) and costs once it is compute-bound; on some CPUs
+with native bf16 but no AMX, bf16 GEMMs are slower than float32 ones once compute-bound
+(oneDNN-packed SmolLM2 linears, Intel AVX-512-bf16 guest, 2 threads: 645 vs 352 ms for a
+512-token prefill chunk) while bf16 still wins at one row (5.5 vs 8.8 ms). So a
+`RowSwitchLinear` holds a small-batch kernel and a large-batch one and takes, per call, how many
+leading rows go to the small-batch kernel: the model passes its decode rows when a step has at
+most `MAX_SMALL_BATCH_ROWS` of them, else none; prefill rows always take the large-batch kernel.
+Both hold exactly the same weight values (a quantized method's dense copy is its dequantized
+codes; a float32 copy of bf16 is exact), and both give each row the same bits whatever the other
+rows are (oneDNN-packed dense, PyTorch's weight-only kernels; MKL's `F.linear` does not: one row
+goes through gemv), so a request's tokens depend on the batch it shares a step with only through
+the decode-row count crossing `MAX_SMALL_BATCH_ROWS`.
 
 The split of work: `prepare` depends only on the file and the dtype (it is what the weight cache
 stores); `build` is cheap and machine-specific (oneDNN packing).
@@ -36,14 +40,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.models.gguf_blocks import GROUP_SIZE, Q4Groups
-from loom.models.packed_linear import PackedLinear, can_pack, has_native_bf16
+from loom.models.packed_linear import PackedLinear, can_pack, float32_wins_large_batches, has_native_bf16
 
 QUANTIZATIONS = ("none", "int8", "int4")
-# Decode rows per step up to which a step is faster with the weight-only kernels: SmolLM2, float32
+# Decode rows per step up to which a step is faster with the small-batch kernels: SmolLM2, float32
 # model with int4 linears vs oneDNN float32, 2-core AVX2 guest (whole decode step, best of 7):
 # 2 threads 31 vs 51 ms at 1 row, 54 vs 60 at 4, 90 vs 86 at 8, 119 vs 103 at 12; 1 thread wins
-# up to 8 rows (130 vs 147 ms) and loses from 10.
-MAX_QUANTIZED_ROWS = 8
+# up to 8 rows (130 vs 147 ms) and loses from 10. bf16 vs float32 packed on an AVX-512-bf16 guest
+# crosses at the same place (13.6 vs 12.8 ms for the 30 layers at 8 rows).
+MAX_SMALL_BATCH_ROWS = 8
 
 WeightSource = torch.Tensor | Q4Groups
 
@@ -88,6 +93,10 @@ class DenseLinear(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight, persistent=False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
 
@@ -122,23 +131,23 @@ class Int4Linear(nn.Module):
 
 
 class RowSwitchLinear(nn.Module):
-    """A quantized kernel for the leading `num_quantized_rows` rows of a call, the dense copy for the rest."""
+    """The small-batch kernel for the leading `num_small_rows` rows of a call, the large-batch one for the rest."""
 
-    def __init__(self, quantized: nn.Module, dense: nn.Module) -> None:
+    def __init__(self, small: nn.Module, large: nn.Module) -> None:
         super().__init__()
-        self.quantized, self.dense = quantized, dense
+        self.small, self.large = small, large
 
-    def forward(self, x: torch.Tensor, num_quantized_rows: int = 0) -> torch.Tensor:
-        if num_quantized_rows >= x.shape[0]:
-            return self.quantized(x)
-        if num_quantized_rows <= 0:
-            return self.dense(x)
-        return torch.cat([self.quantized(x[:num_quantized_rows]), self.dense(x[num_quantized_rows:])])
+    def forward(self, x: torch.Tensor, num_small_rows: int = 0) -> torch.Tensor:
+        if num_small_rows >= x.shape[0]:
+            return self.small(x)
+        if num_small_rows <= 0:
+            return self.large(x)
+        return torch.cat([self.small(x[:num_small_rows]), self.large(x[num_small_rows:])])
 
 
-def apply_linear(module: nn.Module, x: torch.Tensor, num_quantized_rows: int) -> torch.Tensor:
-    """`module(x)`, telling a `RowSwitchLinear` how many leading rows may take its quantized kernel."""
-    return module(x, num_quantized_rows) if isinstance(module, RowSwitchLinear) else module(x)
+def apply_linear(module: nn.Module, x: torch.Tensor, num_small_rows: int) -> torch.Tensor:
+    """`module(x)`, telling a `RowSwitchLinear` how many leading rows may take its small-batch kernel."""
+    return module(x, num_small_rows) if isinstance(module, RowSwitchLinear) else module(x)
 
 
 class DenseMethod:
@@ -164,7 +173,7 @@ class Int8Method:
         return {"qweight": codes, "scales": scales, "weight": dense.to(dense_dtype(dtype))}
 
     def build(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
-        return RowSwitchLinear(Int8Linear(tensors["qweight"], tensors["scales"]), dense_module(tensors["weight"]))
+        return RowSwitchLinear(Int8Linear(tensors["qweight"], tensors["scales"]), large_batch_module(tensors["weight"]))
 
 
 class Int4Method:
@@ -184,11 +193,24 @@ class Int4Method:
 
     def build(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
         quantized = Int4Linear(tensors["qweight"], tensors["scales_zeros"])
-        return RowSwitchLinear(quantized, dense_module(tensors["weight"]))
+        return RowSwitchLinear(quantized, large_batch_module(tensors["weight"]))
 
 
 def dense_module(weight: torch.Tensor) -> nn.Module:
-    return PackedLinear(weight) if can_pack(weight.dtype, weight.device) else DenseLinear(weight)
+    """A dense linear over `weight`: bf16 for few rows beside a float32 copy for many where that measures faster."""
+    large = large_batch_module(weight)
+    if large.dtype == weight.dtype:
+        return large
+    return RowSwitchLinear(PackedLinear(weight), large)
+
+
+def large_batch_module(weight: torch.Tensor) -> PackedLinear | DenseLinear:
+    """The dense kernel for many rows: a bf16 weight is packed as float32 where bf16 GEMMs are slower there."""
+    if not can_pack(weight.dtype, weight.device):
+        return DenseLinear(weight)
+    if weight.dtype == torch.bfloat16 and float32_wins_large_batches():
+        return PackedLinear(weight.float())
+    return PackedLinear(weight)
 
 
 def quantize_q4(weight: torch.Tensor) -> Q4Groups:

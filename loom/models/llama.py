@@ -17,7 +17,7 @@ from torch import nn
 
 from loom.models.attention import AttentionMetadata, paged_attention
 from loom.models.config import ModelConfig
-from loom.models.linear import MAX_QUANTIZED_ROWS, apply_linear, dense_module, linear_method
+from loom.models.linear import MAX_SMALL_BATCH_ROWS, apply_linear, dense_module, linear_method
 from loom.models.prepared import LINEAR_NAMES, PreparedWeights
 
 
@@ -99,9 +99,9 @@ class DecoderLayer(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-        num_quantized_rows: int = 0,  # leading rows that may take a quantized kernel (see linear.py)
+        num_small_rows: int = 0,  # leading rows that may take the small-batch kernels (see linear.py)
     ) -> torch.Tensor:
-        num_tokens, nq = hidden.shape[0], num_quantized_rows
+        num_tokens, nq = hidden.shape[0], num_small_rows
         x = F.rms_norm(hidden, (hidden.shape[-1],), self.input_norm, self.eps)
         qkv = apply_linear(self.qkv_proj, x, nq).view(num_tokens, -1, self.head_dim)  # [T, heads + 2*kv_heads, hd]
         # q and k share one RoPE call: they are the leading heads of the fused projection
@@ -120,16 +120,17 @@ class LlamaModel(nn.Module):
         cfg: ModelConfig,
         dtype: torch.dtype,
         weights: PreparedWeights | None = None,
-        max_quantized_rows: int = MAX_QUANTIZED_ROWS,
+        max_small_batch_rows: int = MAX_SMALL_BATCH_ROWS,
     ) -> None:
         """Built from `weights` in `dtype`; without them, randomly initialized float32 parameters (tests).
 
-        `max_quantized_rows`: a step's decode rows take a quantized method's own kernel when there
-        are at most this many of them (linear.py); prefill rows always take the dense copy.
+        `max_small_batch_rows`: a step's decode rows take the small-batch kernels (a quantized
+        method's own, or bf16 beside a float32 copy) when there are at most this many of them
+        (linear.py); prefill rows always take the large-batch kernels.
         """
         super().__init__()
         self.config = cfg
-        self.max_quantized_rows = max_quantized_rows
+        self.max_small_batch_rows = max_small_batch_rows
         init: _Init = _RandomInit() if weights is None else _FromPrepared(weights, dtype)
         if weights is None:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -159,7 +160,7 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:  # [R, vocab] in float32
         hidden = self.embed_tokens(input_ids)
         cos_sin = self.rope.tables(positions)
-        nq = meta.num_decode_tokens if meta.num_decode_tokens <= self.max_quantized_rows else 0
+        nq = meta.num_decode_tokens if meta.num_decode_tokens <= self.max_small_batch_rows else 0
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             hidden = layer(hidden, self.rope, cos_sin, kv, meta, nq)
         hidden = hidden.index_select(0, logits_indices)

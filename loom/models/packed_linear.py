@@ -6,13 +6,15 @@ AVX-512-bf16 CPU for SmolLM2's shapes (bf16), and up to 1.3x over MKL in float32
 Each row's result is the same whatever the other rows (MKL's `F.linear` sends a single row to
 gemv, whose bits differ), which keeps a request's tokens independent of its batch. bf16 packs only
 on a CPU with native bf16 (AVX-512-bf16 or AMX): elsewhere oneDNN refuses the reorder, and
-`linear.dense_dtype` computes a bf16 model's matmuls in float32. Never decides which layers are
-packed (linear.py does).
+`linear.dense_dtype` computes a bf16 model's matmuls in float32. Where bf16 is native but float32
+measures faster once compute-bound (`float32_wins_large_batches`), linear.py keeps a float32 copy
+for large batches. Never decides which layers are packed (linear.py does).
 """
 
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 from torch import nn
@@ -24,6 +26,32 @@ def has_native_bf16() -> bool:
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+@functools.cache
+def float32_wins_large_batches() -> bool:
+    """Whether packed float32 GEMMs beat packed bf16 ones on this CPU at 128 rows, by a clear margin.
+
+    Measured, not read from CPU flags: on an Intel AVX-512-bf16 guest without AMX they did (SmolLM2's
+    linears for a 512-token prefill chunk: 352 vs 645 ms, while bf16 won at one row, 5.5 vs 8.8 ms);
+    AMX CPUs run bf16 several times faster. Timed once per process, with the threads the engine runs
+    with, on a weight small enough to stay in cache (~30 ms).
+    """
+    if not (has_native_bf16() and can_pack(torch.bfloat16, torch.device("cpu"))):
+        return False
+    weight = torch.randn(2048, 1024)
+    x = torch.randn(128, 1024)
+    kernels = {
+        dtype: (x.to(dtype), torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), 128))
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    best = dict.fromkeys(kernels, float("inf"))
+    for _ in range(5):  # interleaved, best of 5: a busy core slows both alike
+        for dtype, (inp, packed) in kernels.items():
+            start = time.perf_counter()
+            torch.ops.mkldnn._linear_pointwise(inp, packed, None, "none", [], "")
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] < 0.8 * best[torch.bfloat16]
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:

@@ -27,8 +27,15 @@ MAX_KEY_LEN = 256  # a longer credential is refused before it is hashed
 MAX_MODELS = 256
 _FIND_KEY = (
     select(
-        ApiKey.id, ApiKey.prefix, ApiKey.key_hash, ApiKey.account_id, Account.name.label("account_name"),
-        ApiKey.rpm, ApiKey.tpm, ApiKey.models, ApiKey.revoked_at,
+        ApiKey.id,
+        ApiKey.prefix,
+        ApiKey.key_hash,
+        ApiKey.account_id,
+        Account.name.label("account_name"),
+        ApiKey.rpm,
+        ApiKey.tpm,
+        ApiKey.models,
+        ApiKey.revoked_at,
     )
     .join(Account, ApiKey.account_id == Account.id)
     .where(ApiKey.key_hash == bindparam("digest"))

@@ -41,8 +41,14 @@ _PRICE = select(ModelPrice.input_micros, ModelPrice.cached_input_micros, ModelPr
     ModelPrice.model == bindparam("model")
 )
 _HOLD = select(
-    Hold.account_id, Hold.key_id, Hold.model, Hold.amount_micros, Hold.state,
-    Hold.input_micros, Hold.cached_input_micros, Hold.output_micros,
+    Hold.account_id,
+    Hold.key_id,
+    Hold.model,
+    Hold.amount_micros,
+    Hold.state,
+    Hold.input_micros,
+    Hold.cached_input_micros,
+    Hold.output_micros,
 ).where(Hold.id == bindparam("id"))
 _SETTLED = select(Usage.cost_micros, Usage.status).where(Usage.id == bindparam("id"))
 _MOVE = (
@@ -131,7 +137,9 @@ def release_stale_holds(db: Database, older_than: timedelta) -> int:
     """Releases holds a crashed server left open (a server-side failure costs nothing)."""
     cutoff = utcnow() - older_than
     with db.read() as session:
-        stale = list(session.execute(select(Hold.id, Hold.account_id).where(Hold.state == "held", Hold.created_at < cutoff)))
+        stale = list(
+            session.execute(select(Hold.id, Hold.account_id).where(Hold.state == "held", Hold.created_at < cutoff))
+        )
     released = 0
     for hold_id, account_id in stale:
         try:

@@ -73,7 +73,11 @@ class Platform:
             self.db.upgrade()
             released = ledger.release_stale_holds(self.db, config.stale_hold_age)
             if released:
-                log.warning("released %d holds left open longer than %s (a server stopped mid-request)", released, config.stale_hold_age)
+                log.warning(
+                    "released %d holds left open longer than %s (a server stopped mid-request)",
+                    released,
+                    config.stale_hold_age,
+                )
         self.auth = Authenticator(self.db, verifier)
 
     def describe(self) -> str:
@@ -101,7 +105,9 @@ class Platform:
             return None
         return Overloaded(num_waiting, OVERLOAD_RETRY_AFTER_S)
 
-    def admit(self, who: Principal, estimate: Estimate, hold_id: str, meta: RequestMeta) -> Admitted | RateLimited | Insufficient:
+    def admit(
+        self, who: Principal, estimate: Estimate, hold_id: str, meta: RequestMeta
+    ) -> Admitted | RateLimited | Insufficient:
         """Counts the worst case's tokens, then holds its cost; on refusal nothing stays counted."""
         tokens = estimate.max_total_tokens
         window: WindowState | None = None

@@ -46,9 +46,7 @@ def records(
             ).scalar_one_or_none()
             if cursor is None:
                 return []
-            query = query.where(
-                or_(Usage.created_at < cursor, and_(Usage.created_at == cursor, Usage.id < before))
-            )
+            query = query.where(or_(Usage.created_at < cursor, and_(Usage.created_at == cursor, Usage.id < before)))
         query = query.order_by(Usage.created_at.desc(), Usage.id.desc()).limit(limit)
         return [_record(row) for row in session.execute(query).scalars()]
 

@@ -288,7 +288,9 @@ def _parsed_delta(out: ChoiceOutput, delta: ChoiceDelta) -> ChoiceDelta:
     piece = out.feed(delta.text)
     if delta.finish_reason is not None:
         tail = out.finish()
-        piece = Piece(piece.content + tail.content, piece.reasoning + tail.reasoning, piece.tool_calls + tail.tool_calls)
+        piece = Piece(
+            piece.content + tail.content, piece.reasoning + tail.reasoning, piece.tool_calls + tail.tool_calls
+        )
     return dataclasses.replace(
         delta, text=piece.content, reasoning=piece.reasoning, tool_calls=piece.tool_calls,
         finish_reason=out.finish_reason(delta.finish_reason),

@@ -11,6 +11,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 from torch import nn
 
+from loom.models import linear as linear_module
 from loom.models.gguf_blocks import Q4Groups, q4_1_groups, q8_0_values
 from loom.models.linear import (
     DenseLinear,
@@ -21,7 +22,7 @@ from loom.models.linear import (
     quantize_q4,
     resolve_quantization,
 )
-from loom.models.packed_linear import PackedLinear, can_pack, has_native_bf16
+from loom.models.packed_linear import PackedLinear, can_pack, float32_wins_large_batches, has_native_bf16
 
 OUT, IN = 96, 128  # multiples of the 32-value groups the quantized formats work in
 
@@ -72,7 +73,7 @@ def test_quantized_kernel_and_dense_copy_compute_with_the_same_weights(
     assert isinstance(module, RowSwitchLinear)
     for num_rows in (1, 5, 40):
         x = _rows(num_rows, dtype)
-        quantized, dense = module.quantized(x), module.dense(x)
+        quantized, dense = module.small(x), module.large(x)
         assert quantized.dtype == dense.dtype == dtype
         # the same weights, so only rounding differs: bf16 activations on the quantized kernel
         exact = F.linear(x.float(), tensors["weight"].float())
@@ -105,13 +106,13 @@ class _Constant(nn.Module):
         return torch.full((x.shape[0], 1), self.value)
 
 
-def test_the_leading_rows_take_the_quantized_kernel_the_rest_the_dense_copy() -> None:
+def test_the_leading_rows_take_the_small_batch_kernel_the_rest_the_large_batch_one() -> None:
     module = RowSwitchLinear(_Constant(1.0), _Constant(2.0))
     x = torch.zeros(6, 4)
     for num_quantized, expected in [(0, [2.0] * 6), (2, [1.0] * 2 + [2.0] * 4), (6, [1.0] * 6), (9, [1.0] * 6)]:
         assert module(x, num_quantized).flatten().tolist() == expected, num_quantized
-    assert module(x).flatten().tolist() == [2.0] * 6  # a plain call is a prefill: dense
-    assert apply_linear(nn.Identity(), x, 3) is x  # modules without a quantized kernel ignore the count
+    assert module(x).flatten().tolist() == [2.0] * 6  # a plain call is a prefill: large-batch
+    assert apply_linear(nn.Identity(), x, 3) is x  # modules with one kernel ignore the count
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -122,7 +123,7 @@ def test_each_row_gets_the_same_bits_whatever_rows_share_the_call(
     """What keeps a request's tokens independent of its batch: no kernel lets one row's result depend on others."""
     method = linear_method(quantization)
     module = method.build(method.prepare(weight, dtype), dtype)
-    kernels = [module.quantized, module.dense] if isinstance(module, RowSwitchLinear) else [module]
+    kernels = [module.small, module.large] if isinstance(module, RowSwitchLinear) else [module]
     x = _rows(40, dtype)
     for kernel in kernels:
         alone = torch.cat([kernel(x[i : i + 1]) for i in range(len(x))])
@@ -136,9 +137,33 @@ def test_dense_method_keeps_one_copy_in_the_dtype_matmuls_run_in(weight: torch.T
     module = linear_method("none").build(tensors, torch.bfloat16)
     out = module(_rows(3, torch.bfloat16))
     assert out.dtype == torch.bfloat16
+    if isinstance(module, RowSwitchLinear):  # bf16 for few rows, an exact float32 copy for many
+        assert float32_wins_large_batches()
+        assert module.small.dtype == torch.bfloat16 and module.large.dtype == torch.float32
+        return
     assert isinstance(
         module, PackedLinear if can_pack(dense_dtype(torch.bfloat16), torch.device("cpu")) else DenseLinear
     )
+
+
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_a_float32_copy_takes_large_batches_where_it_measures_faster(
+    weight: torch.Tensor, quantization: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not can_pack(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("bf16 is not native on this CPU: the dense copy is float32 already")
+    monkeypatch.setattr(linear_module, "float32_wins_large_batches", lambda: True)
+    method = linear_method(quantization)
+    tensors = method.prepare(weight, torch.bfloat16)
+    module = method.build(tensors, torch.bfloat16)
+    assert isinstance(module, RowSwitchLinear) and module.large.dtype == torch.float32
+    x = _rows(40, torch.bfloat16)
+    exact = F.linear(x.float(), tensors["weight"].float())
+    torch.testing.assert_close(module(x).float(), exact.to(torch.bfloat16).float(), rtol=2e-2, atol=2e-2)
+    monkeypatch.setattr(linear_module, "float32_wins_large_batches", lambda: False)
+    kept = method.build(tensors, torch.bfloat16)
+    large = kept.large if isinstance(kept, RowSwitchLinear) else kept
+    assert large.dtype == torch.bfloat16
 
 
 def test_bf16_matmuls_run_in_float32_where_the_cpu_has_no_native_bf16() -> None:
