@@ -19,12 +19,12 @@ with native bf16 but no AMX, bf16 GEMMs are slower than float32 ones once comput
 512-token prefill chunk) while bf16 still wins at one row (5.5 vs 8.8 ms). So a
 `RowSwitchLinear` holds a small-batch kernel and a large-batch one and takes, per call, how many
 leading rows go to the small-batch kernel: the model passes its decode rows when a step has at
-most `MAX_SMALL_BATCH_ROWS` of them, else none; prefill rows always take the large-batch kernel.
+most `max_small_batch_rows` of them, else none; prefill rows always take the large-batch kernel.
 Both hold exactly the same weight values (a quantized method's dense copy is its dequantized
 codes; a float32 copy of bf16 is exact), and both give each row the same bits whatever the other
 rows are (oneDNN-packed dense, PyTorch's weight-only kernels; MKL's `F.linear` does not: one row
 goes through gemv), so a request's tokens depend on the batch it shares a step with only through
-the decode-row count crossing `MAX_SMALL_BATCH_ROWS`.
+the decode-row count crossing `max_small_batch_rows`.
 
 The split of work: `prepare` depends only on the file and the dtype (it is what the weight cache
 stores); `build` is cheap and machine-specific (oneDNN packing).
@@ -43,12 +43,20 @@ from loom.models.gguf_blocks import GROUP_SIZE, Q4Groups
 from loom.models.packed_linear import PackedLinear, can_pack, float32_wins_large_batches, has_native_bf16
 
 QUANTIZATIONS = ("none", "int8", "int4")
-# Decode rows per step up to which a step is faster with the small-batch kernels: SmolLM2, float32
-# model with int4 linears vs oneDNN float32, 2-core AVX2 guest (whole decode step, best of 7):
-# 2 threads 31 vs 51 ms at 1 row, 54 vs 60 at 4, 90 vs 86 at 8, 119 vs 103 at 12; 1 thread wins
-# up to 8 rows (130 vs 147 ms) and loses from 10. bf16 vs float32 packed on an AVX-512-bf16 guest
-# crosses at the same place (13.6 vs 12.8 ms for the 30 layers at 8 rows).
-MAX_SMALL_BATCH_ROWS = 8
+
+
+def max_small_batch_rows(dtype: torch.dtype) -> int:
+    """Decode rows per step up to which a step is faster with the small-batch kernels.
+
+    Where bf16 is native, the int4 kernel (bf16 activations) keeps winning longer: SmolLM2 bf16,
+    int4 vs the float32 copy, Intel AVX-512-bf16 guest, 2 threads (whole decode forward, the two
+    alternated in one process): 49.8 vs 65.0 ms at 12 rows, 62.4 vs 72.7 at 16, 86.6 vs 85.0 at 24,
+    112 vs 103 at 32; bf16 vs the float32 copy is about even from 8 to 32 rows. Without it (float32
+    model with int4 linears vs oneDNN float32, 2-core AVX2 guest, best of 7): 31 vs 51 ms at 1 row,
+    54 vs 60 at 4, 90 vs 86 at 8, 119 vs 103 at 12.
+    """
+    return 16 if dtype in (torch.bfloat16, torch.float16) and has_native_bf16() else 8
+
 
 WeightSource = torch.Tensor | Q4Groups
 

@@ -17,7 +17,8 @@ from torch import nn
 
 from loom.models.attention import AttentionMetadata, paged_attention
 from loom.models.config import ModelConfig
-from loom.models.linear import MAX_SMALL_BATCH_ROWS, apply_linear, dense_module, linear_method
+from loom.models.linear import apply_linear, dense_module, linear_method
+from loom.models.linear import max_small_batch_rows as max_small_batch_rows_for
 from loom.models.prepared import LINEAR_NAMES, PreparedWeights
 
 
@@ -120,16 +121,18 @@ class LlamaModel(nn.Module):
         cfg: ModelConfig,
         dtype: torch.dtype,
         weights: PreparedWeights | None = None,
-        max_small_batch_rows: int = MAX_SMALL_BATCH_ROWS,
+        max_small_batch_rows: int | None = None,
     ) -> None:
         """Built from `weights` in `dtype`; without them, randomly initialized float32 parameters (tests).
 
         `max_small_batch_rows`: a step's decode rows take the small-batch kernels (a quantized
         method's own, or bf16 beside a float32 copy) when there are at most this many of them
-        (linear.py); prefill rows always take the large-batch kernels.
+        (linear.py; None: its default for `dtype`); prefill rows always take the large-batch kernels.
         """
         super().__init__()
         self.config = cfg
+        if max_small_batch_rows is None:
+            max_small_batch_rows = max_small_batch_rows_for(dtype)
         self.max_small_batch_rows = max_small_batch_rows
         init: _Init = _RandomInit() if weights is None else _FromPrepared(weights, dtype)
         if weights is None:

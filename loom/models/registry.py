@@ -10,7 +10,7 @@ import torch
 
 from loom.models.config import ModelConfig
 from loom.models.gguf_blocks import Q4Groups
-from loom.models.linear import MAX_SMALL_BATCH_ROWS, check_quantization, resolve_quantization
+from loom.models.linear import check_quantization, resolve_quantization
 from loom.models.llama import LlamaModel
 from loom.models.loader import is_gguf_file, load_sources
 from loom.models.prepared import PreparedWeights, prepare_llama_weights
@@ -29,7 +29,7 @@ def load_model(
     progress: Callable[[int, int], None] | None = None,
     quantization: str = "none",
     cache_dir: Path | None = None,
-    max_small_batch_rows: int = MAX_SMALL_BATCH_ROWS,
+    max_small_batch_rows: int | None = None,
 ) -> LlamaModel:
     """Loads and builds a model; `quantization` is none | int8 | int4 | auto (see `linear.resolve_quantization`).
 
