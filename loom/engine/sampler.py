@@ -14,7 +14,8 @@ Order of operations (each step skipped when no row in the batch needs it):
   5. top_k: tokens below the row's k-th largest logit are dropped (one `topk`, no sort)
   6. top_p: on the rows that use it only; a token is dropped when the mass strictly before it
      already reaches top_p (the top token always stays). The 256 most likely tokens decide a row
-     when their mass reaches top_p; only rows where it does not are sorted whole
+     when their mass reaches top_p, else the 4,096 most likely; only rows where neither does are
+     sorted whole
   7. min_p: tokens whose probability is below min_p * max probability are dropped
   8. the draw, by inverse CDF: the row's cumulative (unnormalized) probabilities are searched for
      its uniform number times their total; over the vocabulary in token-id order, or for a top_p
@@ -45,7 +46,7 @@ from loom.engine.logprobs import TokenLogprob
 from loom.engine.sampling_batch import SamplingBatch
 
 _NEG_INF = float("-inf")
-_TOP_P_CANDIDATES = 256  # top_p looks at this many tokens first (see `_apply_top_p`)
+_TOP_P_CANDIDATES = (256, 4096)  # top_p looks at this many tokens, then this many, then sorts (`_draw_nucleus`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,21 +158,32 @@ def _draw_nucleus(
     probs: torch.Tensor, p: torch.Tensor, uniform: torch.Tensor, min_p: torch.Tensor | None
 ) -> torch.Tensor:
     """Top-p (then min-p) and the draw over each row's tokens in descending probability, without
-    sorting the vocabulary: the row's `_TOP_P_CANDIDATES` most likely tokens (one `topk`, ~15x
-    cheaper than a sort of 49,152) hold every token top_p keeps when their mass reaches p, since
-    every later token has mass before it >= p. Rows whose candidates fall short (a very flat
-    distribution) are sorted whole. Which path a row takes depends on that row alone, so a seeded
-    row draws the same token whatever else is in the batch."""
-    top, order = probs.topk(min(_TOP_P_CANDIDATES, probs.shape[1]), dim=-1)  # best first
-    chosen = _draw_sorted(top, order, p, uniform, min_p)
-    short = top.sum(dim=-1) < p
-    if bool(short.any()):
-        idx = short.nonzero().squeeze(1)
-        whole, whole_order = probs.index_select(0, idx).sort(dim=-1, descending=True)
-        row_min_p = min_p.index_select(0, idx) if min_p is not None else None
-        redrawn = _draw_sorted(whole, whole_order, p.index_select(0, idx), uniform.index_select(0, idx), row_min_p)
-        chosen = chosen.index_copy(0, idx, redrawn)
-    return chosen
+    sorting the vocabulary: a row's k most likely tokens (one `topk`) hold every token top_p keeps
+    when their mass reaches p, since every later token has mass before it >= p. Each row tries
+    k = 256, then 4,096 (flat rows; ~6x cheaper than a sort of 49,152 here), then a whole sort.
+    Which path a row takes depends on that row alone, so a seeded row draws the same token
+    whatever else is in the batch."""
+    num_rows, vocab = probs.shape
+    chosen = torch.zeros(num_rows, dtype=torch.long)
+    idx = torch.arange(num_rows)  # rows not drawn yet
+    for k in (*_TOP_P_CANDIDATES, vocab):
+        whole = idx.numel() == num_rows
+        rows = probs if whole else probs.index_select(0, idx)
+        row_p = p if whole else p.index_select(0, idx)
+        if k < vocab:
+            top, order = rows.topk(k, dim=-1)  # best first
+        else:
+            top, order = rows.sort(dim=-1, descending=True)
+        row_min_p = min_p if min_p is None or whole else min_p.index_select(0, idx)
+        drawn = _draw_sorted(top, order, row_p, uniform if whole else uniform.index_select(0, idx), row_min_p)
+        if k >= vocab:
+            return chosen.index_copy_(0, idx, drawn)
+        done = top.sum(dim=-1) >= row_p
+        chosen.index_copy_(0, idx[done], drawn[done])
+        idx = idx[~done]
+        if idx.numel() == 0:
+            return chosen
+    raise AssertionError("unreachable: the last stage sorts the whole vocabulary")
 
 
 def _draw_sorted(

@@ -224,20 +224,28 @@ def test_min_tokens_applies_only_to_its_own_row() -> None:
 
 
 def test_top_p_from_candidates_draws_exactly_what_a_full_sort_draws() -> None:
-    """Peaked rows are decided by their 256 candidates, flat rows fall back to the sort: for any
-    uniform number both pick the token the reference (the whole vocabulary sorted) picks."""
+    """Peaked rows are decided by their 256 candidates, flatter ones by 4,096, flat rows fall back
+    to the sort: for any uniform number each picks the token the reference (the whole vocabulary
+    sorted) picks."""
     from loom.engine.sampler import _TOP_P_CANDIDATES, _draw_nucleus, _draw_sorted
 
     gen = torch.Generator().manual_seed(0)
-    vocab = 4096
-    logits = torch.cat([torch.randn(6, vocab, generator=gen) * 6, torch.randn(4, vocab, generator=gen) * 0.01])
+    vocab = 16384
+    logits = torch.cat(
+        [
+            torch.randn(6, vocab, generator=gen) * 6,
+            torch.randn(3, vocab, generator=gen) * 1.5,
+            torch.randn(4, vocab, generator=gen) * 0.01,
+        ]
+    )
     probs = logits.softmax(dim=-1)
-    p = torch.tensor([0.95, 0.5, 0.99, 0.1, 0.9999, 0.7, 0.95, 0.5, 0.99, 0.3])
-    min_p = torch.tensor([0.0, 0.0, 0.01, 0.0, 0.2, 0.0, 0.0, 0.0, 0.5, 0.0])
+    p = torch.tensor([0.95, 0.5, 0.99, 0.1, 0.9999, 0.7, 0.6, 0.5, 0.7, 0.95, 0.5, 0.99, 0.3])
+    min_p = torch.tensor([0.0, 0.0, 0.01, 0.0, 0.2, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 0.5, 0.0])
     whole, order = probs.sort(dim=-1, descending=True)
     for u in torch.linspace(0, 0.999, 41):
-        uniform = torch.full((10,), float(u))
+        uniform = torch.full((13,), float(u))
         for mp in (None, min_p):
             assert torch.equal(_draw_nucleus(probs, p, uniform, mp), _draw_sorted(whole, order, p, uniform, mp))
-    covered = probs.topk(_TOP_P_CANDIDATES, dim=-1).values.sum(dim=-1) >= p
-    assert covered[:6].any() and not covered[6:].any()  # both paths were taken
+    first, second = (probs.topk(k, dim=-1).values.sum(dim=-1) >= p for k in _TOP_P_CANDIDATES)
+    # every path was taken: 256 candidates, 4,096, the whole sort
+    assert first[:6].any() and not first[6:].any() and second[6:9].all() and not second[9:].any()
