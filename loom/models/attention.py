@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loom.models.packed_linear import float32_wins_large_batches
+
 
 def zeroed_kv_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
     """One layer's cache, all zeros; on CPU in anonymous memory the kernel zeroes page by page on first touch.
@@ -118,6 +120,10 @@ PREFILL_PAD = 64
 # A short chunk (grammar fast-forward appends a few forced tokens) pads its queries only this far:
 # 64 rows for a 3-token chunk made constrained 32-stream steps ~40% slower (44.7 vs 32.0 ms).
 SHORT_CHUNK_PAD = 16
+# A bf16 prefill chunk of at least this many queries attends in float32 where float32 GEMMs beat
+# bf16 ones (`float32_wins_large_batches`): SmolLM2's whole 512-token first-chunk forward 627 ->
+# 579 ms on an Intel AVX-512-bf16 guest without AMX, 160 tokens 203 -> 199 ms.
+PREFILL_FLOAT32_MIN_QUERIES = 64
 
 
 def _prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
@@ -130,8 +136,10 @@ def _prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, span: PrefillSpa
         slots = F.pad(slots, (0, -num_ctx % PREFILL_PAD))
     num_kv_heads = kv_cache.shape[0] // 2
     kv = kv_cache.index_select(1, slots).unsqueeze(0)  # [1, 2*kv, C, hd]
-    k, v = kv[:, :num_kv_heads], kv[:, num_kv_heads:]
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, heads, Q, hd]
+    if q.dtype == torch.bfloat16 and num_q >= PREFILL_FLOAT32_MIN_QUERIES and float32_wins_large_batches():
+        kv, qh = kv.float(), qh.float()
+    k, v = kv[:, :num_kv_heads], kv[:, num_kv_heads:]
     if span.is_first_chunk:
         o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, enable_gqa=True)
     else:
@@ -139,4 +147,4 @@ def _prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, span: PrefillSpa
         q_pos = torch.arange(num_ctx - num_q, num_ctx - num_q + qh.shape[2]).unsqueeze(1)
         mask = torch.arange(k.shape[2]).unsqueeze(0) <= q_pos
         o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, enable_gqa=True)
-    return o.squeeze(0).transpose(0, 1)[:num_q]
+    return o.squeeze(0).transpose(0, 1)[:num_q].to(q.dtype)
