@@ -87,8 +87,9 @@ class LinearMethod(Protocol):
         """The tensors `build` needs, from a `[out, in]` weight; depends only on the weight and dtype."""
         ...
 
-    def build(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
-        """A module computing `x @ W.T` for `x` `[rows, in]` in `dtype`."""
+    def build(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, float32_copy: bool = False) -> nn.Module:
+        """A module computing `x @ W.T` for `x` `[rows, in]` in `dtype`; with `float32_copy`, a bf16
+        dense weight also gets an exact float32 copy for large batches (`use_float32_copies`)."""
         ...
 
 
@@ -165,8 +166,8 @@ class DenseMethod:
         weight = source.dequantize() if isinstance(source, Q4Groups) else source
         return {"weight": weight.to(dense_dtype(dtype)).contiguous()}
 
-    def build(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
-        return dense_module(tensors["weight"])
+    def build(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, float32_copy: bool = False) -> nn.Module:
+        return dense_module(tensors["weight"], float32_copy)
 
 
 class Int8Method:
@@ -180,8 +181,9 @@ class Int8Method:
         dense = codes.float() * scales.float().unsqueeze(1)  # the values the int8 kernel multiplies by
         return {"qweight": codes, "scales": scales, "weight": dense.to(dense_dtype(dtype))}
 
-    def build(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
-        return RowSwitchLinear(Int8Linear(tensors["qweight"], tensors["scales"]), large_batch_module(tensors["weight"]))
+    def build(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, float32_copy: bool = False) -> nn.Module:
+        quantized = Int8Linear(tensors["qweight"], tensors["scales"])
+        return RowSwitchLinear(quantized, large_batch_module(tensors["weight"], float32_copy))
 
 
 class Int4Method:
@@ -199,24 +201,34 @@ class Int4Method:
         dense = (centred * scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)).view(rows, cols)
         return {"qweight": packed, "scales_zeros": scales_zeros, "weight": dense.to(dense_dtype(dtype))}
 
-    def build(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    def build(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, float32_copy: bool = False) -> nn.Module:
         quantized = Int4Linear(tensors["qweight"], tensors["scales_zeros"])
-        return RowSwitchLinear(quantized, large_batch_module(tensors["weight"]))
+        return RowSwitchLinear(quantized, large_batch_module(tensors["weight"], float32_copy))
 
 
-def dense_module(weight: torch.Tensor) -> nn.Module:
-    """A dense linear over `weight`: bf16 for few rows beside a float32 copy for many where that measures faster."""
-    large = large_batch_module(weight)
+# float32 copies of a bf16 model's dense weights are kept only while they take at most this much
+# memory (SmolLM2's: ~0.55 GB): a larger model keeps one bf16 copy rather than tripling its memory.
+FLOAT32_COPY_MAX_BYTES = 2 * 2**30
+
+
+def use_float32_copies(bf16_weight_bytes: int) -> bool:
+    """Whether a model with this many bytes of bf16 weights keeps float32 copies for large batches."""
+    return 2 * bf16_weight_bytes <= FLOAT32_COPY_MAX_BYTES and float32_wins_large_batches()
+
+
+def dense_module(weight: torch.Tensor, float32_copy: bool = False) -> nn.Module:
+    """A dense linear over `weight`; with `float32_copy`, bf16 for few rows beside a float32 copy for many."""
+    large = large_batch_module(weight, float32_copy)
     if large.dtype == weight.dtype:
         return large
     return RowSwitchLinear(PackedLinear(weight), large)
 
 
-def large_batch_module(weight: torch.Tensor) -> PackedLinear | DenseLinear:
-    """The dense kernel for many rows: a bf16 weight is packed as float32 where bf16 GEMMs are slower there."""
+def large_batch_module(weight: torch.Tensor, float32_copy: bool = False) -> PackedLinear | DenseLinear:
+    """The dense kernel for many rows: with `float32_copy`, a bf16 weight is packed as float32."""
     if not can_pack(weight.dtype, weight.device):
         return DenseLinear(weight)
-    if weight.dtype == torch.bfloat16 and float32_wins_large_batches():
+    if float32_copy and weight.dtype == torch.bfloat16:
         return PackedLinear(weight.float())
     return PackedLinear(weight)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from loom.models.attention import AttentionMetadata, paged_attention
 from loom.models.config import ModelConfig
-from loom.models.linear import apply_linear, dense_module, linear_method
+from loom.models.linear import apply_linear, dense_module, linear_method, use_float32_copies
 from loom.models.linear import max_small_batch_rows as max_small_batch_rows_for
 from loom.models.prepared import LINEAR_NAMES, PreparedWeights
 
@@ -62,10 +62,12 @@ class _FromPrepared:
 
     def __init__(self, weights: PreparedWeights, dtype: torch.dtype) -> None:
         self.weights, self.dtype = weights, dtype
+        bf16_bytes = sum(t.numel() * t.element_size() for t in weights.tensors.values() if t.dtype == torch.bfloat16)
+        self.float32_copy = use_float32_copies(bf16_bytes)
         method = linear_method(weights.quantization)
         names = [f"layers.{i}.{n}" for i in range(weights.config.num_layers) for n in LINEAR_NAMES]
         with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-            built = pool.map(lambda name: method.build(weights.linear(name), dtype), names)
+            built = pool.map(lambda name: method.build(weights.linear(name), dtype, self.float32_copy), names)
             self.linears = dict(zip(names, built, strict=True))
 
     def linear(self, name: str, in_features: int, out_features: int) -> nn.Module:
@@ -141,16 +143,18 @@ class LlamaModel(nn.Module):
             self.embed_tokens = nn.Embedding.from_pretrained(weights.tensors["embed_tokens"], freeze=True)
         self.layers = nn.ModuleList(DecoderLayer(cfg, init, f"layers.{i}.") for i in range(cfg.num_layers))
         self.norm = init.vector("norm", cfg.hidden_size)
-        self.lm_head = self._head(cfg, weights, dtype)
+        self.lm_head = self._head(cfg, weights, dtype, isinstance(init, _FromPrepared) and init.float32_copy)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, dtype)
 
-    def _head(self, cfg: ModelConfig, weights: PreparedWeights | None, dtype: torch.dtype) -> nn.Module:
+    def _head(
+        self, cfg: ModelConfig, weights: PreparedWeights | None, dtype: torch.dtype, float32_copy: bool
+    ) -> nn.Module:
         if weights is None:
             return nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         tensors = weights.linear("lm_head")
         if not tensors:  # tied, and the dense head would equal the embedding: share it
-            return dense_module(self.embed_tokens.weight)
-        return linear_method(weights.head_quantization).build(tensors, dtype)
+            return dense_module(self.embed_tokens.weight, float32_copy)
+        return linear_method(weights.head_quantization).build(tensors, dtype, float32_copy)
 
     @torch.inference_mode()
     def forward(

@@ -14,6 +14,7 @@ from torch import nn
 from loom.models import linear as linear_module
 from loom.models.gguf_blocks import Q4Groups, q4_1_groups, q8_0_values
 from loom.models.linear import (
+    FLOAT32_COPY_MAX_BYTES,
     DenseLinear,
     RowSwitchLinear,
     apply_linear,
@@ -21,8 +22,9 @@ from loom.models.linear import (
     linear_method,
     quantize_q4,
     resolve_quantization,
+    use_float32_copies,
 )
-from loom.models.packed_linear import PackedLinear, can_pack, float32_wins_large_batches, has_native_bf16
+from loom.models.packed_linear import PackedLinear, can_pack, has_native_bf16
 
 OUT, IN = 96, 128  # multiples of the 32-value groups the quantized formats work in
 
@@ -137,33 +139,33 @@ def test_dense_method_keeps_one_copy_in_the_dtype_matmuls_run_in(weight: torch.T
     module = linear_method("none").build(tensors, torch.bfloat16)
     out = module(_rows(3, torch.bfloat16))
     assert out.dtype == torch.bfloat16
-    if isinstance(module, RowSwitchLinear):  # bf16 for few rows, an exact float32 copy for many
-        assert float32_wins_large_batches()
-        assert module.small.dtype == torch.bfloat16 and module.large.dtype == torch.float32
-        return
     assert isinstance(
         module, PackedLinear if can_pack(dense_dtype(torch.bfloat16), torch.device("cpu")) else DenseLinear
     )
 
 
 @pytest.mark.parametrize("quantization", ["none", "int4"])
-def test_a_float32_copy_takes_large_batches_where_it_measures_faster(
-    weight: torch.Tensor, quantization: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_float32_copy_takes_large_batches_when_asked(weight: torch.Tensor, quantization: str) -> None:
     if not can_pack(torch.bfloat16, torch.device("cpu")):
         pytest.skip("bf16 is not native on this CPU: the dense copy is float32 already")
-    monkeypatch.setattr(linear_module, "float32_wins_large_batches", lambda: True)
     method = linear_method(quantization)
     tensors = method.prepare(weight, torch.bfloat16)
-    module = method.build(tensors, torch.bfloat16)
+    module = method.build(tensors, torch.bfloat16, float32_copy=True)
     assert isinstance(module, RowSwitchLinear) and module.large.dtype == torch.float32
     x = _rows(40, torch.bfloat16)
     exact = F.linear(x.float(), tensors["weight"].float())
     torch.testing.assert_close(module(x).float(), exact.to(torch.bfloat16).float(), rtol=2e-2, atol=2e-2)
-    monkeypatch.setattr(linear_module, "float32_wins_large_batches", lambda: False)
     kept = method.build(tensors, torch.bfloat16)
     large = kept.large if isinstance(kept, RowSwitchLinear) else kept
     assert large.dtype == torch.bfloat16
+
+
+def test_float32_copies_are_kept_only_for_small_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linear_module, "float32_wins_large_batches", lambda: True)
+    assert use_float32_copies(FLOAT32_COPY_MAX_BYTES // 2)
+    assert not use_float32_copies(FLOAT32_COPY_MAX_BYTES // 2 + 1)  # a 7B model must not triple its memory
+    monkeypatch.setattr(linear_module, "float32_wins_large_batches", lambda: False)
+    assert not use_float32_copies(1)
 
 
 def test_bf16_matmuls_run_in_float32_where_the_cpu_has_no_native_bf16() -> None:

@@ -26,7 +26,18 @@ def reference(q: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> t
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(
     ("num_q", "num_ctx"),
-    [(1, 1), (37, 37), (PREFILL_PAD, PREFILL_PAD), (PREFILL_PAD + 1, PREFILL_PAD + 1), (1, 90), (3, 120), (16, 16), (16, 77), (21, 100), (64, 200)],
+    [
+        (1, 1),
+        (37, 37),
+        (PREFILL_PAD, PREFILL_PAD),
+        (PREFILL_PAD + 1, PREFILL_PAD + 1),
+        (1, 90),
+        (3, 120),
+        (16, 16),
+        (16, 77),
+        (21, 100),
+        (64, 200),
+    ],
 )
 def test_padded_prefill_matches_plain_attention(dtype: torch.dtype, num_q: int, num_ctx: int) -> None:
     gen = torch.Generator().manual_seed(num_q * 1000 + num_ctx)
