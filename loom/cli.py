@@ -62,8 +62,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         choices=["auto", "none", "int8", "int4"],
         default="auto",
         help="weight-only quantized linears for steps of few rows (a dense copy serves larger steps); "
-        "auto: int4 where the file's linears are Q4_1 (the file's own 4-bit values), else none. Prepared weights are cached in "
-        "$LOOM_CACHE_DIR (default ~/.cache/loom; empty: no cache), keyed by the file, so a restart is quick",
+        "auto: int4 where the file's linears are Q4_1 (the file's own 4-bit values), else none. "
+        "Prepared weights are cached in $LOOM_CACHE_DIR (default ~/.cache/loom; empty: no cache), keyed by the file, so a restart is quick",
     )
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one running batch")

@@ -212,8 +212,13 @@ FLOAT32_COPY_MAX_BYTES = 2 * 2**30
 
 
 def use_float32_copies(bf16_weight_bytes: int) -> bool:
-    """Whether a model with this many bytes of bf16 weights keeps float32 copies for large batches."""
-    return 2 * bf16_weight_bytes <= FLOAT32_COPY_MAX_BYTES and float32_wins_large_batches()
+    """Whether a model with this many bytes of bf16 weights keeps float32 copies for large batches.
+
+    A bf16 model times `float32_wins_large_batches` here, at build, whatever its size: prefill
+    attention asks it too, and the step loop must find the answer cached, not time it."""
+    if bf16_weight_bytes == 0:
+        return False
+    return float32_wins_large_batches() and 2 * bf16_weight_bytes <= FLOAT32_COPY_MAX_BYTES
 
 
 def dense_module(weight: torch.Tensor, float32_copy: bool = False) -> nn.Module:
