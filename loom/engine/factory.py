@@ -10,6 +10,7 @@ import torch
 from loom.engine.async_engine import AsyncEngine
 from loom.engine.config import EngineConfig
 from loom.engine.core import EngineCore
+from loom.engine.host_memory import keep_freed_memory
 from loom.engine.kv_cache import KVCacheManager
 from loom.engine.runner import ModelRunner
 from loom.engine.scheduler import Scheduler, SchedulerConfig
@@ -52,6 +53,7 @@ def build_engine(config: EngineConfig, progress: Callable[[int, int], None] | No
         sched_cfg = SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.scheduling_policy
         )
+        keep_freed_memory()  # after loading: the loader's one-off buffers are unmapped as before
         runner = ModelRunner(model, num_blocks, config.block_size, config.torch_dtype)
         return EngineCore(Scheduler(sched_cfg, kv), runner, tokenizer.eos_token_id, config.grammar_fast_forward)
 
