@@ -16,8 +16,10 @@ layout the batched matmuls read, so nothing is copied a second time.
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
+import time
 from dataclasses import dataclass
 
 import torch
@@ -79,17 +81,42 @@ def paged_attention(
     return out
 
 
-# Up to this many decode requests, bf16/fp16 decode attention runs in SDPA's CPU kernel (it
-# accumulates in float32), beyond it in the batched matmuls below. Whole SmolLM2 decode forward,
-# int4 linears, bf16, 208-token contexts, Intel AVX-512-bf16 guest, 2 threads, the two alternated
-# in one process: 18.9 -> 14.7 ms at 1 request, 27.2 -> 23.6 at 4, 41.3 -> 38.9 at 8, 72.5 -> 71.9
-# at 16, 119 -> 126 at 32. In float32 the matmuls win at every size (micro-benchmark: 35 vs 40 us a
-# layer at 1 request, 394 vs 678 us at 32).
+# Up to this many decode requests, bf16/fp16 decode attention may run in SDPA's CPU kernel (it
+# accumulates in float32), where `sdpa_wins_decode` measures it faster; else in the batched matmuls
+# below. Which wins depends on the CPU. Whole SmolLM2 decode forward, int4 linears, bf16, 2 threads,
+# the two alternated in one process: on an Intel AVX-512-bf16 guest SDPA won, 18.9 -> 14.7 ms at 1
+# request, 27.2 -> 23.6 at 4, 72.5 -> 71.9 at 16, and lost at 32 (119 -> 126); on an AMD EPYC guest
+# (whole engine step, ~200-token contexts) it lost everywhere: 9.6 vs 11.1 ms at 1, 13.2 vs 22.3 at
+# 4, 31.6 vs 70.9 at 16, 44.8 vs 125 at 32. In float32 the matmuls win at every size (Intel
+# micro-benchmark: 35 vs 40 us a layer at 1 request, 394 vs 678 us at 32).
 SDPA_DECODE_MAX_REQUESTS = 16
 
 
+@functools.cache
+def sdpa_wins_decode(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether SDPA beats the batched matmuls for 4 decode queries over 256-token contexts, measured.
+
+    Timed once per process and head shape, interleaved, best of 5 (~10 ms), with the engine's
+    threads; the model asks at build time so the step loop finds the answer cached."""
+    if dtype == torch.float32:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    num_reqs, context = 4, 256
+    q = torch.randn(num_reqs, num_heads, head_dim, generator=gen).to(dtype)
+    kv = torch.randn(2 * num_kv_heads, num_reqs, context, head_dim, generator=gen).to(dtype)
+    k, v = kv[:num_kv_heads], kv[num_kv_heads:]
+    mask = torch.zeros(num_reqs, 1, context, dtype=dtype)
+    best = {kernel: float("inf") for kernel in (_decode_sdpa, _decode_matmuls)}
+    for _ in range(5):
+        for kernel in best:
+            start = time.perf_counter()
+            kernel(q, k, v, mask)
+            best[kernel] = min(best[kernel], time.perf_counter() - start)
+    return best[_decode_sdpa] < best[_decode_matmuls]
+
+
 def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """One query per request: SDPA for few bf16/fp16 requests, else batched matmuls grouped by KV head."""
+    """One query per request: SDPA for few bf16/fp16 requests where it wins here, else batched matmuls."""
     assert meta.decode_gather is not None and meta.decode_mask is not None
     num_reqs, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[0] // 2
@@ -97,17 +124,24 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     blocks = kv_cache.view(-1, meta.block_size * head_dim).index_select(0, meta.decode_gather)
     kv = blocks.view(kv_cache.shape[0], num_reqs, -1, head_dim)  # [2*kv, D, L, hd]
     k, v = kv[:num_kv_heads], kv[num_kv_heads:]
-    if q.dtype != torch.float32 and num_reqs <= SDPA_DECODE_MAX_REQUESTS:
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2),
-            k.transpose(0, 1),
-            v.transpose(0, 1),
-            attn_mask=meta.decode_mask.unsqueeze(1),
-            enable_gqa=True,
-        )
-        return out.squeeze(2)
-    qg = q.view(num_reqs, num_kv_heads, -1, head_dim).transpose(0, 1)  # [kv, D, group, hd]
-    scores = torch.matmul(qg, k.transpose(2, 3)).mul_(head_dim**-0.5).add_(meta.decode_mask)  # [kv, D, group, L]
+    if num_reqs <= SDPA_DECODE_MAX_REQUESTS and sdpa_wins_decode(q.dtype, num_heads, num_kv_heads, head_dim):
+        return _decode_sdpa(q, k, v, meta.decode_mask)
+    return _decode_matmuls(q, k, v, meta.decode_mask)
+
+
+def _decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`q` `[D, heads, hd]`, `k`/`v` `[kv_heads, D, L, hd]`, `mask` `[D, 1, L]` additive."""
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask.unsqueeze(1), enable_gqa=True
+    )
+    return out.squeeze(2)
+
+
+def _decode_matmuls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Same contract as `_decode_sdpa`: batched matmuls grouped by KV head."""
+    num_reqs, num_heads, head_dim = q.shape
+    qg = q.view(num_reqs, k.shape[0], -1, head_dim).transpose(0, 1)  # [kv, D, group, hd]
+    scores = torch.matmul(qg, k.transpose(2, 3)).mul_(head_dim**-0.5).add_(mask)  # [kv, D, group, L]
     out = torch.matmul(scores.softmax(dim=-1), v)  # [kv, D, group, hd]
     return out.transpose(0, 1).reshape(num_reqs, num_heads, head_dim)
 

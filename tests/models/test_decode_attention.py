@@ -1,12 +1,14 @@
-"""Decode attention over the paged cache: both kernels (SDPA for few bf16 requests, batched matmuls
-otherwise) give every request plain attention over its own context, padding blocks unseen."""
+"""Decode attention over the paged cache: both kernels (SDPA for few bf16 requests where it measures
+faster, batched matmuls otherwise) give every request plain attention over its own context,
+padding blocks unseen."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from loom.models.attention import SDPA_DECODE_MAX_REQUESTS, AttentionMetadata, _decode_attention
+import loom.models.attention as attention
+from loom.models.attention import SDPA_DECODE_MAX_REQUESTS, AttentionMetadata, _decode_attention, sdpa_wins_decode
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 6, 2, 32, 4, 64
 
@@ -20,9 +22,13 @@ def reference(q: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> t
     return torch.einsum("hc,hcd->hd", scores.softmax(dim=-1), v)
 
 
+@pytest.mark.parametrize("sdpa_wins", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("num_reqs", [1, 3, SDPA_DECODE_MAX_REQUESTS, SDPA_DECODE_MAX_REQUESTS + 1])
-def test_each_request_attends_to_its_own_context_only(dtype: torch.dtype, num_reqs: int) -> None:
+def test_each_request_attends_to_its_own_context_only(
+    dtype: torch.dtype, num_reqs: int, sdpa_wins: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(attention, "sdpa_wins_decode", lambda *shape: sdpa_wins and dtype != torch.float32)
     gen = torch.Generator().manual_seed(num_reqs)
     kv_cache = torch.randn(2 * NUM_KV_HEADS, NUM_BLOCKS * BLOCK_SIZE, HEAD_DIM, generator=gen)
     kv_cache[:, :BLOCK_SIZE] = 50.0  # block 0 pads short tables: if it leaked into a softmax it would show
@@ -49,3 +55,11 @@ def test_each_request_attends_to_its_own_context_only(dtype: torch.dtype, num_re
         pos = torch.arange(n)
         slots = table[i][pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
         torch.testing.assert_close(out[i].float(), reference(q[i], kv_cache, slots), atol=tolerance, rtol=tolerance)
+
+
+def test_the_kernel_choice_is_measured_once_per_head_shape_and_never_sdpa_for_float32() -> None:
+    assert sdpa_wins_decode(torch.float32, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM) is False
+    first = sdpa_wins_decode(torch.bfloat16, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM)
+    assert isinstance(first, bool)
+    assert sdpa_wins_decode(torch.bfloat16, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM) is first  # cached, not re-timed
+    assert sdpa_wins_decode.cache_info().hits >= 1
