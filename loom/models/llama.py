@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.models.attention import AttentionMetadata, paged_attention, sdpa_wins_decode
+from loom.models.attention import AttentionMetadata, paged_attention, sdpa_wins_decode, sdpa_wins_prefill
 from loom.models.config import ModelConfig
 from loom.models.linear import apply_linear, dense_module, linear_method, use_float32_copies
 from loom.models.linear import max_small_batch_rows as max_small_batch_rows_for
@@ -145,7 +145,8 @@ class LlamaModel(nn.Module):
         self.norm = init.vector("norm", cfg.hidden_size)
         self.lm_head = self._head(cfg, weights, dtype, isinstance(init, _FromPrepared) and init.float32_copy)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, dtype)
-        sdpa_wins_decode(dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)  # timed now, not in the step loop
+        for probe in (sdpa_wins_decode, sdpa_wins_prefill):  # timed now, not in the step loop
+            probe(dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
     def _head(
         self, cfg: ModelConfig, weights: PreparedWeights | None, dtype: torch.dtype, float32_copy: bool

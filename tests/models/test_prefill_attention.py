@@ -1,12 +1,15 @@
-"""Prefill attention pads bf16/fp16 spans to a few shapes (PyTorch's CPU flash attention keeps a
-compiled kernel per shape forever); the padding must never change what a real query sees."""
+"""Prefill attention: both kernels give each query plain causal attention over its context. SDPA
+pads bf16/fp16 spans to a few shapes (PyTorch's CPU flash attention keeps a compiled kernel per
+shape forever), and the padding must never change what a real query sees; the batched matmuls
+take a chunk only where they measure faster and its scores fit their cap."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from loom.models.attention import PREFILL_PAD, PrefillSpan, _prefill_attention
+import loom.models.attention as attention
+from loom.models.attention import PREFILL_PAD, PrefillSpan, _prefill_matmuls, _prefill_sdpa
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, NUM_SLOTS = 6, 2, 32, 512
 
@@ -23,6 +26,7 @@ def reference(q: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> t
     return torch.einsum("hqc,hcd->qhd", scores.softmax(dim=-1), v)
 
 
+@pytest.mark.parametrize("kernel", [_prefill_sdpa, _prefill_matmuls])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(
     ("num_q", "num_ctx"),
@@ -39,7 +43,7 @@ def reference(q: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> t
         (64, 200),
     ],
 )
-def test_padded_prefill_matches_plain_attention(dtype: torch.dtype, num_q: int, num_ctx: int) -> None:
+def test_prefill_matches_plain_attention(kernel: object, dtype: torch.dtype, num_q: int, num_ctx: int) -> None:
     gen = torch.Generator().manual_seed(num_q * 1000 + num_ctx)
     # slot 0 holds huge values: a padded key that leaked into a real query's softmax would show
     kv_cache = torch.randn(2 * NUM_KV_HEADS, NUM_SLOTS, HEAD_DIM, generator=gen)
@@ -48,7 +52,28 @@ def test_padded_prefill_matches_plain_attention(dtype: torch.dtype, num_q: int, 
     slots = torch.randperm(NUM_SLOTS - 1, generator=gen)[:num_ctx] + 1
     q = torch.randn(num_q, NUM_HEADS, HEAD_DIM, generator=gen).to(dtype)
     span = PrefillSpan(0, num_q, slots, is_first_chunk=num_q == num_ctx)
-    out = _prefill_attention(q, kv_cache, span)
+    out = kernel(q, kv_cache, span)  # type: ignore[operator]
     assert out.shape == (num_q, NUM_HEADS, HEAD_DIM) and out.dtype == dtype
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(out.float(), reference(q, kv_cache, slots), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(
+    ("sdpa_wins", "max_scores", "expected"), [(False, 10**9, "matmuls"), (True, 10**9, "sdpa"), (False, 100, "sdpa")]
+)
+def test_a_chunk_takes_the_matmuls_only_where_they_win_and_its_scores_fit(
+    sdpa_wins: bool, max_scores: int, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    taken: list[str] = []
+    monkeypatch.setattr(attention, "sdpa_wins_prefill", lambda *shape: sdpa_wins)
+    monkeypatch.setattr(attention, "PREFILL_MATMUL_MAX_SCORES", max_scores)
+    monkeypatch.setattr(attention, "_prefill_sdpa", lambda *args: taken.append("sdpa"))
+    monkeypatch.setattr(attention, "_prefill_matmuls", lambda *args: taken.append("matmuls"))
+    q = torch.zeros(8, NUM_HEADS, HEAD_DIM, dtype=torch.bfloat16)
+    kv_cache = torch.zeros(2 * NUM_KV_HEADS, NUM_SLOTS, HEAD_DIM, dtype=torch.bfloat16)
+    attention._prefill_attention(q, kv_cache, PrefillSpan(0, 8, torch.arange(8), is_first_chunk=True))
+    assert taken == [expected]
+
+
+def test_float32_prefill_never_takes_the_matmuls() -> None:
+    assert attention.sdpa_wins_prefill(torch.float32, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM) is True
