@@ -19,7 +19,7 @@ with native bf16 but no AMX, bf16 GEMMs are slower than float32 ones once comput
 512-token prefill chunk) while bf16 still wins at one row (5.5 vs 8.8 ms). So a
 `RowSwitchLinear` holds a small-batch kernel and a large-batch one and takes, per call, how many
 leading rows go to the small-batch kernel: the model passes its decode rows when a step has at
-most `max_small_batch_rows` of them, else none; prefill rows always take the large-batch kernel.
+most `max_small_batch_rows` of them (`measure_small_batch_rows`, timed at build), else none; prefill rows always take the large-batch kernel.
 Both hold exactly the same weight values (a quantized method's dense copy is its dequantized
 codes; a float32 copy of bf16 is exact), and both give each row the same bits whatever the other
 rows are (oneDNN-packed dense, PyTorch's weight-only kernels; MKL's `F.linear` does not: one row
@@ -32,7 +32,8 @@ stores); `build` is cheap and machine-specific (oneDNN packing).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -45,17 +46,42 @@ from loom.models.packed_linear import PackedLinear, can_pack, float32_wins_large
 QUANTIZATIONS = ("none", "int8", "int4")
 
 
-def max_small_batch_rows(dtype: torch.dtype) -> int:
-    """Decode rows per step up to which a step is faster with the small-batch kernels.
+# Decode-row counts at which `measure_small_batch_rows` times the two kernels. The crossover depends
+# on the CPU. SmolLM2 bf16, int4 vs the float32 copy, Intel AVX-512-bf16 guest, 2 threads (whole
+# decode forward, the two alternated in one process): 49.8 vs 65.0 ms at 12 rows, 62.4 vs 72.7 at
+# 16, 86.6 vs 85.0 at 24, 112 vs 103 at 32. int4 vs packed bf16, 2-core AMD EPYC guest (whole engine
+# step, alternated): 9.6 vs 13.0 ms at 1 row, 13.2 vs 15.2 at 4, 17.9 vs 17.5 at 8, 31.6 vs 28.1 at
+# 16. Without native bf16 (float32 model with int4 linears vs oneDNN float32, 2-core AVX2 guest,
+# best of 7): 31 vs 51 ms at 1 row, 54 vs 60 at 4, 90 vs 86 at 8, 119 vs 103 at 12.
+SMALL_BATCH_CANDIDATES = (1, 2, 4, 8, 16)
 
-    Where bf16 is native, the int4 kernel (bf16 activations) keeps winning longer: SmolLM2 bf16,
-    int4 vs the float32 copy, Intel AVX-512-bf16 guest, 2 threads (whole decode forward, the two
-    alternated in one process): 49.8 vs 65.0 ms at 12 rows, 62.4 vs 72.7 at 16, 86.6 vs 85.0 at 24,
-    112 vs 103 at 32; bf16 vs the float32 copy is about even from 8 to 32 rows. Without it (float32
-    model with int4 linears vs oneDNN float32, 2-core AVX2 guest, best of 7): 31 vs 51 ms at 1 row,
-    54 vs 60 at 4, 90 vs 86 at 8, 119 vs 103 at 12.
+
+def measure_small_batch_rows(linears: Sequence[RowSwitchLinear], dtype: torch.dtype) -> int:
+    """The most decode rows (of `SMALL_BATCH_CANDIDATES`) up to which the small-batch kernels beat
+    the large-batch ones, timed over these linears (a model's own: weights streamed from memory as
+    in a step, not one cache-resident matrix); 0 when they never do.
+
+    Interleaved, best of 3 passes per count; about 0.1 s for SmolLM2 on 2 cores, once at build.
     """
-    return 16 if dtype in (torch.bfloat16, torch.float16) and has_native_bf16() else 8
+    largest = 0
+    with torch.inference_mode():
+        for rows in SMALL_BATCH_CANDIDATES:
+            if not _small_wins(linears, rows, dtype):
+                break
+            largest = rows
+    return largest
+
+
+def _small_wins(linears: Sequence[RowSwitchLinear], rows: int, dtype: torch.dtype) -> bool:
+    inputs = {n: torch.randn(rows, n).to(dtype) for n in {lin.in_features for lin in linears}}
+    best = {"small": float("inf"), "large": float("inf")}
+    for _ in range(3):
+        for kernel in best:
+            start = time.perf_counter()
+            for lin in linears:
+                getattr(lin, kernel)(inputs[lin.in_features])
+            best[kernel] = min(best[kernel], time.perf_counter() - start)
+    return best["small"] <= best["large"]
 
 
 WeightSource = torch.Tensor | Q4Groups
@@ -101,6 +127,7 @@ class DenseLinear(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("weight", weight, persistent=False)
+        self.in_features = weight.shape[1]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -110,14 +137,21 @@ class DenseLinear(nn.Module):
         return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
 
 
+def _own_memory(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy in memory of its own for PyTorch's weight-only kernels. `_weight_int8pack_mm` crashed
+    (SIGSEGV inside the kernel) on weights that are views of the weight cache's file mapping, as
+    `safetensors` returns them, when a tensor ended near the end of that mapping; a copy never did."""
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 class Int8Linear(nn.Module):
     qweight: torch.Tensor
     scales: torch.Tensor
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("qweight", qweight, persistent=False)  # [out, in] int8
-        self.register_buffer("scales", scales, persistent=False)  # [out], in the kernel's activation dtype
+        self.register_buffer("qweight", _own_memory(qweight), persistent=False)  # [out, in] int8
+        self.register_buffer("scales", _own_memory(scales), persistent=False)  # [out], in the kernel's activation dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x.to(self.scales.dtype), self.qweight, self.scales).to(x.dtype)
@@ -129,8 +163,12 @@ class Int4Linear(nn.Module):
 
     def __init__(self, qweight: torch.Tensor, scales_zeros: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("qweight", qweight, persistent=False)  # [out, in / 2] uint8, the op's packed layout
-        self.register_buffer("scales_zeros", scales_zeros, persistent=False)  # [in / 32, out, 2]: w = (q - 8) * s + z
+        self.register_buffer(
+            "qweight", _own_memory(qweight), persistent=False
+        )  # [out, in / 2] uint8, the op's packed layout
+        self.register_buffer(
+            "scales_zeros", _own_memory(scales_zeros), persistent=False
+        )  # [in / 32, out, 2]: w = (q - 8) * s + z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -142,9 +180,10 @@ class Int4Linear(nn.Module):
 class RowSwitchLinear(nn.Module):
     """The small-batch kernel for the leading `num_small_rows` rows of a call, the large-batch one for the rest."""
 
-    def __init__(self, small: nn.Module, large: nn.Module) -> None:
+    def __init__(self, small: nn.Module, large: PackedLinear | DenseLinear) -> None:
         super().__init__()
         self.small, self.large = small, large
+        self.in_features = large.in_features
 
     def forward(self, x: torch.Tensor, num_small_rows: int = 0) -> torch.Tensor:
         if num_small_rows >= x.shape[0]:

@@ -17,8 +17,14 @@ from torch import nn
 
 from loom.models.attention import AttentionMetadata, paged_attention, sdpa_wins_decode, sdpa_wins_prefill
 from loom.models.config import ModelConfig
-from loom.models.linear import apply_linear, dense_module, linear_method, use_float32_copies
-from loom.models.linear import max_small_batch_rows as max_small_batch_rows_for
+from loom.models.linear import (
+    RowSwitchLinear,
+    apply_linear,
+    dense_module,
+    linear_method,
+    measure_small_batch_rows,
+    use_float32_copies,
+)
 from loom.models.prepared import LINEAR_NAMES, PreparedWeights
 
 
@@ -129,13 +135,10 @@ class LlamaModel(nn.Module):
 
         `max_small_batch_rows`: a step's decode rows take the small-batch kernels (a quantized
         method's own, or bf16 beside a float32 copy) when there are at most this many of them
-        (linear.py; None: its default for `dtype`); prefill rows always take the large-batch kernels.
+        (linear.py; None: measured on this model's linears now); prefill rows always take the large-batch kernels.
         """
         super().__init__()
         self.config = cfg
-        if max_small_batch_rows is None:
-            max_small_batch_rows = max_small_batch_rows_for(dtype)
-        self.max_small_batch_rows = max_small_batch_rows
         init: _Init = _RandomInit() if weights is None else _FromPrepared(weights, dtype)
         if weights is None:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -145,6 +148,10 @@ class LlamaModel(nn.Module):
         self.norm = init.vector("norm", cfg.hidden_size)
         self.lm_head = self._head(cfg, weights, dtype, isinstance(init, _FromPrepared) and init.float32_copy)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, dtype)
+        if max_small_batch_rows is None:
+            switches = [m for m in self.modules() if isinstance(m, RowSwitchLinear)]
+            max_small_batch_rows = measure_small_batch_rows(switches, dtype) if switches else 0
+        self.max_small_batch_rows = max_small_batch_rows
         for probe in (sdpa_wins_decode, sdpa_wins_prefill):  # timed now, not in the step loop
             probe(dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 

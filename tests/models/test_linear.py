@@ -3,6 +3,8 @@ with the same weights, and the rule that picks one of them by the number of rows
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -15,11 +17,13 @@ from loom.models import linear as linear_module
 from loom.models.gguf_blocks import Q4Groups, q4_1_groups, q8_0_values
 from loom.models.linear import (
     FLOAT32_COPY_MAX_BYTES,
+    SMALL_BATCH_CANDIDATES,
     DenseLinear,
     RowSwitchLinear,
     apply_linear,
     dense_dtype,
     linear_method,
+    measure_small_batch_rows,
     quantize_q4,
     resolve_quantization,
     use_float32_copies,
@@ -100,21 +104,34 @@ def test_quantize_q4_maps_each_groups_range_onto_16_codes(weight: torch.Tensor) 
 
 
 class _Constant(nn.Module):
-    def __init__(self, value: float) -> None:
+    def __init__(self, value: float, slow_above_rows: int | None = None, delay_s: float = 0.0) -> None:
         super().__init__()
-        self.value = value
+        self.value, self.slow_above_rows, self.delay_s, self.in_features = value, slow_above_rows, delay_s, 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.slow_above_rows is not None and x.shape[0] > self.slow_above_rows:
+            time.sleep(self.delay_s)
         return torch.full((x.shape[0], 1), self.value)
 
 
 def test_the_leading_rows_take_the_small_batch_kernel_the_rest_the_large_batch_one() -> None:
-    module = RowSwitchLinear(_Constant(1.0), _Constant(2.0))
+    module = RowSwitchLinear(_Constant(1.0), _Constant(2.0))  # type: ignore[arg-type]
     x = torch.zeros(6, 4)
     for num_quantized, expected in [(0, [2.0] * 6), (2, [1.0] * 2 + [2.0] * 4), (6, [1.0] * 6), (9, [1.0] * 6)]:
         assert module(x, num_quantized).flatten().tolist() == expected, num_quantized
     assert module(x).flatten().tolist() == [2.0] * 6  # a plain call is a prefill: large-batch
     assert apply_linear(nn.Identity(), x, 3) is x  # modules with one kernel ignore the count
+
+
+@pytest.mark.parametrize(("slow_above_rows", "expected"), [(4, 4), (0, 0), (1000, SMALL_BATCH_CANDIDATES[-1])])
+def test_decode_steps_take_the_small_batch_kernels_up_to_the_measured_crossover(
+    slow_above_rows: int, expected: int
+) -> None:
+    # the large-batch kernel takes 1 ms a call, the small-batch one 3 ms above `slow_above_rows`
+    # rows and nothing below: the timing must find that edge
+    small, large = _Constant(1.0, slow_above_rows, 0.003), _Constant(2.0, 0, 0.001)
+    linears = [RowSwitchLinear(small, large) for _ in range(3)]  # type: ignore[arg-type]
+    assert measure_small_batch_rows(linears, torch.float32) == expected
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
