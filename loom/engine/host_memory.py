@@ -7,7 +7,7 @@ fresh mapping and unmaps it on free, so each step page-faults its temporaries in
 SmolLM2 decode step took 38.5 ms (median of 40 steps, mean of three runs) with glibc's defaults
 and 34.9 ms with the settings below. Raising the mmap threshold to 32 MiB
 and the trim threshold to 256 MiB keeps freed memory for reuse: the heap stays at the engine's
-peak working set (what one step of the largest batch needs), never more.
+peak working set (about what one step of the largest batch needs).
 """
 
 from __future__ import annotations
