@@ -19,14 +19,13 @@ from __future__ import annotations
 import functools
 import math
 import mmap
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from loom.models.packed_linear import float32_wins_large_batches
+from loom.models.timing import best_times
 
 
 def zeroed_kv_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
@@ -107,18 +106,8 @@ def sdpa_wins_decode(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head
     kv = torch.randn(2 * num_kv_heads, num_reqs, context, head_dim, generator=gen).to(dtype)
     k, v = kv[:num_kv_heads], kv[num_kv_heads:]
     mask = torch.zeros(num_reqs, 1, context, dtype=dtype)
-    return _first_is_faster(lambda: _decode_sdpa(q, k, v, mask), lambda: _decode_matmuls(q, k, v, mask))
-
-
-def _first_is_faster(first: Callable[[], object], second: Callable[[], object]) -> bool:
-    """Interleaved, best of 5: a busy core slows both alike."""
-    best = [float("inf"), float("inf")]
-    for _ in range(5):
-        for i, kernel in enumerate((first, second)):
-            start = time.perf_counter()
-            kernel()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best[0] < best[1]
+    sdpa, matmuls = best_times([lambda: _decode_sdpa(q, k, v, mask), lambda: _decode_matmuls(q, k, v, mask)], 5)
+    return sdpa < matmuls
 
 
 def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -186,7 +175,10 @@ def sdpa_wins_prefill(dtype: torch.dtype, num_heads: int, num_kv_heads: int, hea
     q = torch.randn(num_q, num_heads, head_dim, generator=gen).to(dtype)
     kv_cache = torch.randn(2 * num_kv_heads, num_q, head_dim, generator=gen).to(dtype)
     span = PrefillSpan(0, num_q, torch.arange(num_q), is_first_chunk=True)
-    return _first_is_faster(lambda: _prefill_sdpa(q, kv_cache, span), lambda: _prefill_matmuls(q, kv_cache, span))
+    sdpa, matmuls = best_times(
+        [lambda: _prefill_sdpa(q, kv_cache, span), lambda: _prefill_matmuls(q, kv_cache, span)], 5
+    )
+    return sdpa < matmuls
 
 
 def _prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, span: PrefillSpan) -> torch.Tensor:

@@ -32,7 +32,6 @@ stores); `build` is cheap and machine-specific (oneDNN packing).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -42,6 +41,7 @@ from torch import nn
 
 from loom.models.gguf_blocks import GROUP_SIZE, Q4Groups
 from loom.models.packed_linear import PackedLinear, can_pack, float32_wins_large_batches, has_native_bf16
+from loom.models.timing import best_times
 
 QUANTIZATIONS = ("none", "int8", "int4")
 
@@ -74,14 +74,12 @@ def measure_small_batch_rows(linears: Sequence[RowSwitchLinear], dtype: torch.dt
 
 def _small_wins(linears: Sequence[RowSwitchLinear], rows: int, dtype: torch.dtype) -> bool:
     inputs = {n: torch.randn(rows, n).to(dtype) for n in {lin.in_features for lin in linears}}
-    best = {"small": float("inf"), "large": float("inf")}
-    for _ in range(3):
-        for kernel in best:
-            start = time.perf_counter()
-            for lin in linears:
-                getattr(lin, kernel)(inputs[lin.in_features])
-            best[kernel] = min(best[kernel], time.perf_counter() - start)
-    return best["small"] <= best["large"]
+    small, large = best_times(
+        [lambda: [lin.small(inputs[lin.in_features]) for lin in linears],
+         lambda: [lin.large(inputs[lin.in_features]) for lin in linears]],
+        3,
+    )  # fmt: skip
+    return small <= large
 
 
 WeightSource = torch.Tensor | Q4Groups

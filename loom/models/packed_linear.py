@@ -14,10 +14,11 @@ for large batches. Never decides which layers are packed (linear.py does).
 from __future__ import annotations
 
 import functools
-import time
 
 import torch
 from torch import nn
+
+from loom.models.timing import best_times
 
 
 @functools.cache
@@ -45,13 +46,10 @@ def float32_wins_large_batches() -> bool:
         dtype: (x.to(dtype), torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), 128))
         for dtype in (torch.float32, torch.bfloat16)
     }
-    best = dict.fromkeys(kernels, float("inf"))
-    for _ in range(5):  # interleaved, best of 5: a busy core slows both alike
-        for dtype, (inp, packed) in kernels.items():
-            start = time.perf_counter()
-            torch.ops.mkldnn._linear_pointwise(inp, packed, None, "none", [], "")
-            best[dtype] = min(best[dtype], time.perf_counter() - start)
-    return best[torch.float32] < 0.8 * best[torch.bfloat16]
+    float32, bf16 = best_times(
+        [lambda k=k: torch.ops.mkldnn._linear_pointwise(*k, None, "none", [], "") for k in kernels.values()], 5
+    )
+    return float32 < 0.8 * bf16
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
