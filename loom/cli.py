@@ -7,14 +7,15 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loom.api.limits import add_limit_flags, limits_from_args
 from loom.engine.config import DTYPES
 from loom.parsers import reasoning_parser_names, tool_parser_names
-from loom.platform_cli import add_serve_arguments
+from loom.platform_flags import add_serve_arguments
 
 if TYPE_CHECKING:
     from loom.engine import AsyncEngine
@@ -150,11 +151,6 @@ def resolve_dtype(dtype: str) -> str:
 
 def serve(args: argparse.Namespace) -> int:
     bound_onednn_caches()
-    import uvicorn
-
-    from loom.api.app import create_app
-    from loom.api.config import CorsConfig, ServerConfig
-    from loom.api.server import server_config
     from loom.platform_cli import platform_from_args, startup_description, unauthenticated_bind_error
 
     started = time.perf_counter()
@@ -163,12 +159,26 @@ def serve(args: argparse.Namespace) -> int:
     except Exception as exc:  # a bad URL, an unreachable database or Redis, a bad JWT key: say which
         print(f"loom: error: cannot open the platform: {exc}", file=sys.stderr)
         return 2
-    refusal = unauthenticated_bind_error(platform, args.host, args.allow_unauthenticated)
-    if refusal is not None:
-        print(f"loom: error: {refusal}", file=sys.stderr)
-        return 2
     try:
-        loaded = _load_engine(args)
+        refusal = unauthenticated_bind_error(platform, args.host, args.allow_unauthenticated)
+        if refusal is not None:
+            print(f"loom: error: {refusal}", file=sys.stderr)
+            return 2
+        # The model loads on the engine's thread while this one imports the web stack; the engine
+        # times its kernels (if this machine's choices are not kept yet) only once this thread is quiet.
+        quiet = threading.Event()
+        try:
+            loading = _begin_engine(args, quiet)
+            if loading is None:
+                return 2
+            import uvicorn
+
+            from loom.api.app import create_app
+            from loom.api.config import CorsConfig, ServerConfig
+            from loom.api.server import server_config
+        finally:
+            quiet.set()
+        loaded = loading.wait()
         if loaded is None:
             return 2
         engine, names = loaded
@@ -208,11 +218,30 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_engine(args: argparse.Namespace) -> tuple[AsyncEngine, tuple[str, ...]] | None:
-    """The engine `loom serve` was asked for and the names it answers to; None (said why) if it cannot load."""
+class _EngineLoad:
+    """An engine whose model is loading on its own thread, and the names it will answer to."""
+
+    def __init__(self, engine: AsyncEngine, names: tuple[str, ...], bar: Any) -> None:
+        self.engine, self.names, self.bar = engine, names, bar
+
+    def wait(self) -> tuple[AsyncEngine, tuple[str, ...]] | None:
+        """The ready engine; None (said why) if it could not load."""
+        try:
+            self.engine.wait_core()
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"loom: error: {exc}", file=sys.stderr)
+            return None
+        finally:
+            self.bar.close()
+        return self.engine, self.names
+
+
+def _begin_engine(args: argparse.Namespace, quiet: threading.Event) -> _EngineLoad | None:
+    """Starts loading the engine `loom serve` was asked for; None (said why) if it cannot start."""
     from tqdm import tqdm
 
-    from loom.engine import EngineConfig, build_engine
+    from loom.engine.config import EngineConfig
+    from loom.engine.factory import begin_engine
     from loom.models.default import default_model_path, served_model_names
     from loom.tokenizer import default_cache_dir
 
@@ -236,17 +265,18 @@ def _load_engine(args: argparse.Namespace) -> tuple[AsyncEngine, tuple[str, ...]
         weight_cache_dir=default_cache_dir(),
     )
     print(f"loom: loading {names[0]} from {model_path} ({dtype}, quantization {args.quantization})", flush=True)
-    with tqdm(total=0, desc="loading weights", unit="tensor", file=sys.stderr) as bar:
+    bar = tqdm(total=0, desc="loading weights", unit="tensor", file=sys.stderr)
 
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)  # redraws at most every mininterval (0.1 s), not per tensor
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)  # redraws at most every mininterval (0.1 s), not per tensor
 
-        try:
-            return build_engine(config, progress), names
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"loom: error: {exc}", file=sys.stderr)
-            return None
+    try:
+        return _EngineLoad(begin_engine(config, progress, quiet), names, bar)
+    except (ValueError, FileNotFoundError) as exc:  # the tokenizer, read on this thread
+        bar.close()
+        print(f"loom: error: {exc}", file=sys.stderr)
+        return None
 
 
 def bench(argv: Sequence[str]) -> int:

@@ -1,5 +1,5 @@
 """The operator's commands: `loom keys`, `loom credits`, `loom prices`, `loom usage`, `loom db`;
-and the platform flags of `loom serve`.
+and what `loom serve` makes of its platform flags (declared in `platform_flags`).
 
 Each admin command opens the database named by `--db URL` (else `LOOM_DB`, else the default
 SQLite file), applies pending migrations, does one thing and exits 0, or prints `loom: error: ...`
@@ -20,6 +20,7 @@ from loom.platform import keys, ledger, usage
 from loom.platform.money import Price, format_usd, parse_usd
 from loom.platform.service import Platform, PlatformConfig
 from loom.platform.store import Database, describe
+from loom.platform_flags import db_argument
 
 ADMIN_COMMANDS = ("keys", "credits", "prices", "usage", "db")
 
@@ -42,45 +43,6 @@ def admin_main(argv: list[str]) -> int:
 
 
 # ---- loom serve ------------------------------------------------------------------------------
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The platform's flags on `loom serve`."""
-    group = parser.add_argument_group("platform (keys, billing, limits)")
-    _db_argument(group)
-    group.add_argument(
-        "--redis",
-        default=None,
-        metavar="URL",
-        help="keep rate-limit counters in Redis, shared by every server on it (default: in-process)",
-    )
-    group.add_argument(
-        "--jwt-secret",
-        default=None,
-        help="accept HS256 JWTs in the `token` header signed with this secret (or set LOOM_JWT_SECRET)",
-    )
-    group.add_argument(
-        "--jwt-public-key",
-        default=None,
-        metavar="FILE",
-        help="accept RS256 JWTs in the `token` header verified with this PEM public key",
-    )
-    group.add_argument(
-        "--allow-unauthenticated",
-        action="store_true",
-        help="serve on a non-loopback address while no API key exists (or with --no-platform)",
-    )
-    group.add_argument(
-        "--max-queued-requests",
-        type=int,
-        default=None,
-        help="answer 503 while this many requests wait for the engine (default: no limit)",
-    )
-    group.add_argument(
-        "--no-platform",
-        action="store_true",
-        help="no database at all: no keys, billing, rate limits, overload limit or usage ledger (every request is anonymous)",
-    )
 
 
 def platform_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Platform | None:
@@ -264,17 +226,8 @@ def _command(
     p = sub.add_parser(name, help=help_text, description=help_text)
     for flags, options in arguments:
         p.add_argument(*flags, **options)
-    _db_argument(p)
+    db_argument(p)
     p.set_defaults(run=run)
-
-
-def _db_argument(parser: Any) -> None:
-    parser.add_argument(
-        "--db",
-        default=None,
-        metavar="URL",
-        help="sqlite:///PATH, postgresql://USER@HOST:PORT/DB or a file path (default: LOOM_DB, else a SQLite file in the user data directory)",
-    )
 
 
 def _parse_since(text: str) -> datetime:

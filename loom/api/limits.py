@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from loom.api.errors import UnprocessableEntityError
-
 
 def _limit(default: int | float, help: str) -> Any:
     return field(default=default, metadata={"help": help})
@@ -55,6 +53,9 @@ def limits_from_args(args: argparse.Namespace) -> RequestLimits:
 
 def _at_most(name: str, count: int, limit: int, what: str) -> None:
     if count > limit:
+        # imported here: `loom serve --help` builds its flags from this module without the web stack
+        from loom.api.errors import UnprocessableEntityError
+
         raise UnprocessableEntityError(
             f"'{name}' has {count} {what}; this server accepts at most {limit}", param=name, code="limit_exceeded"
         )

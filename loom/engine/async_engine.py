@@ -83,33 +83,41 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._ready = threading.Event()  # the core is built, or failed to build (`_failure`)
+        self._failure: list[BaseException] = []
         self._prefix_queries = 0
         self._prefix_hits = 0
 
     def start_core(self) -> None:
-        """Builds the core on its own thread and returns once it is ready (or raises why not).
+        """Builds the core on its own thread and returns once it is ready (or raises why not)."""
+        self.begin_core()
+        self.wait_core()
+
+    def begin_core(self) -> None:
+        """Starts building the core on its own thread; `wait_core` returns once it is ready.
 
         The model is loaded on the same thread that runs it: OpenMP keeps a hot worker team per
         thread, and a model loaded on one thread but run on another decodes ~1.5x slower on CPU.
         """
-        ready = threading.Event()
-        failure: list[BaseException] = []
 
         def main() -> None:
             try:
                 self._core = self._core_factory()
             except BaseException as exc:
-                failure.append(exc)
+                self._failure.append(exc)
                 return
             finally:
-                ready.set()
+                self._ready.set()
             self._run_core()
 
         self._thread = threading.Thread(target=main, name="loom-engine-core", daemon=True)
         self._thread.start()
-        ready.wait()
-        if failure:
-            raise failure[0]
+
+    def wait_core(self) -> None:
+        """Blocks until the core `begin_core` started is built; raises what stopped it."""
+        self._ready.wait()
+        if self._failure:
+            raise self._failure[0]
 
     def start(self) -> None:
         """Attaches the running event loop, to which the core delivers its outputs."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 
 import torch
@@ -15,6 +16,7 @@ from loom.engine.kv_cache import KVCacheManager
 from loom.engine.runner import ModelRunner
 from loom.engine.scheduler import Scheduler, SchedulerConfig
 from loom.models.registry import load_model
+from loom.models.timing import keep_choices
 from loom.tokenizer import load_tokenizer
 
 
@@ -34,12 +36,34 @@ def num_kv_blocks(config: EngineConfig, num_layers: int, num_kv_heads: int, head
 
 def build_engine(config: EngineConfig, progress: Callable[[int, int], None] | None = None) -> AsyncEngine:
     """Loads the tokenizer here and the model on the engine's own thread; returns a ready engine."""
+    engine = begin_engine(config, progress)
+    engine.wait_core()
+    return engine
+
+
+def begin_engine(
+    config: EngineConfig,
+    progress: Callable[[int, int], None] | None = None,
+    quiet: threading.Event | None = None,
+) -> AsyncEngine:
+    """Loads the tokenizer here and starts building the model on the engine's own thread; the
+    caller goes on with other work and calls `wait_core()` for a ready engine.
+
+    `quiet`: the build waits for it before timing any kernel (`timing.measured`: on a machine whose
+    choices are kept in the cache directory, none is timed), so that no timing is taken while the
+    caller's thread is busy; the caller must set it.
+    """
     tokenizer = load_tokenizer(config.model_path)
 
     def build_core() -> EngineCore:
         torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+        keep_choices(config.weight_cache_dir, None if quiet is None else quiet.wait)
         model = load_model(
-            config.model_path, config.torch_dtype, progress, config.quantization, config.weight_cache_dir
+            config.model_path,
+            config.torch_dtype,
+            progress,
+            config.quantization,
+            config.weight_cache_dir,
         )
         cfg = model.config
         max_model_len = resolve_max_model_len(config, cfg.max_position_embeddings)
@@ -58,5 +82,5 @@ def build_engine(config: EngineConfig, progress: Callable[[int, int], None] | No
         return EngineCore(Scheduler(sched_cfg, kv), runner, tokenizer.eos_token_id, config.grammar_fast_forward)
 
     engine = AsyncEngine(build_core, tokenizer)
-    engine.start_core()
+    engine.begin_core()
     return engine

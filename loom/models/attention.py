@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.models.packed_linear import float32_wins_large_batches
-from loom.models.timing import best_times
+from loom.models.timing import best_times, measured
 
 
 def zeroed_kv_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
@@ -100,6 +100,11 @@ def sdpa_wins_decode(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head
     threads; the model asks at build time so the step loop finds the answer cached."""
     if dtype == torch.float32:
         return False
+    question = f"SDPA beats matmuls for decode attention, {dtype}, {num_heads}/{num_kv_heads} heads of {head_dim}"
+    return measured(question, lambda: _time_decode_kernels(dtype, num_heads, num_kv_heads, head_dim))
+
+
+def _time_decode_kernels(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
     gen = torch.Generator().manual_seed(0)
     num_reqs, context = 4, 256
     q = torch.randn(num_reqs, num_heads, head_dim, generator=gen).to(dtype)
@@ -170,6 +175,11 @@ def sdpa_wins_prefill(dtype: torch.dtype, num_heads: int, num_kv_heads: int, hea
     Timed once per process and head shape (~20 ms), at build time like `sdpa_wins_decode`."""
     if dtype == torch.float32:
         return True
+    question = f"SDPA beats matmuls for prefill attention, {dtype}, {num_heads}/{num_kv_heads} heads of {head_dim}"
+    return measured(question, lambda: _time_prefill_kernels(dtype, num_heads, num_kv_heads, head_dim))
+
+
+def _time_prefill_kernels(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
     gen = torch.Generator().manual_seed(0)
     num_q = 192
     q = torch.randn(num_q, num_heads, head_dim, generator=gen).to(dtype)

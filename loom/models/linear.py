@@ -32,6 +32,7 @@ stores); `build` is cheap and machine-specific (oneDNN packing).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -41,7 +42,7 @@ from torch import nn
 
 from loom.models.gguf_blocks import GROUP_SIZE, Q4Groups
 from loom.models.packed_linear import PackedLinear, can_pack, float32_wins_large_batches, has_native_bf16
-from loom.models.timing import best_times
+from loom.models.timing import best_times, measured
 
 QUANTIZATIONS = ("none", "int8", "int4")
 
@@ -61,8 +62,18 @@ def measure_small_batch_rows(linears: Sequence[RowSwitchLinear], dtype: torch.dt
     the large-batch ones, timed over these linears (a model's own: weights streamed from memory as
     in a step, not one cache-resident matrix); 0 when they never do.
 
-    Interleaved, best of 3 passes per count; about 0.1 s for SmolLM2 on 2 cores, once at build.
+    Interleaved, best of 3 passes per count; about 0.1-0.3 s for SmolLM2 on 2 cores, once per
+    machine and set of linears (`timing.measured`).
     """
+    shapes = sorted(
+        {(type(lin.small).__name__, str(lin.large.dtype), lin.in_features, lin.out_features) for lin in linears}
+    )
+    digest = hashlib.blake2b(repr(shapes).encode(), digest_size=6).hexdigest()
+    question = f"most decode rows for the small-batch kernels, {dtype}, {len(linears)} linears {digest}"
+    return measured(question, lambda: _largest_small_batch(linears, dtype))
+
+
+def _largest_small_batch(linears: Sequence[RowSwitchLinear], dtype: torch.dtype) -> int:
     largest = 0
     with torch.inference_mode():
         for rows in SMALL_BATCH_CANDIDATES:
@@ -125,7 +136,7 @@ class DenseLinear(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("weight", weight, persistent=False)
-        self.in_features = weight.shape[1]
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -181,7 +192,7 @@ class RowSwitchLinear(nn.Module):
     def __init__(self, small: nn.Module, large: PackedLinear | DenseLinear) -> None:
         super().__init__()
         self.small, self.large = small, large
-        self.in_features = large.in_features
+        self.in_features, self.out_features = large.in_features, large.out_features
 
     def forward(self, x: torch.Tensor, num_small_rows: int = 0) -> torch.Tensor:
         if num_small_rows >= x.shape[0]:

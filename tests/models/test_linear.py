@@ -106,7 +106,8 @@ def test_quantize_q4_maps_each_groups_range_onto_16_codes(weight: torch.Tensor) 
 class _Constant(nn.Module):
     def __init__(self, value: float, slow_above_rows: int | None = None, delay_s: float = 0.0) -> None:
         super().__init__()
-        self.value, self.slow_above_rows, self.delay_s, self.in_features = value, slow_above_rows, delay_s, 4
+        self.value, self.slow_above_rows, self.delay_s = value, slow_above_rows, delay_s
+        self.in_features, self.out_features, self.dtype = 4, 1, torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.slow_above_rows is not None and x.shape[0] > self.slow_above_rows:

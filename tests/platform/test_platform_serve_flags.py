@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from loom.platform.keys import create_key
-from loom.platform_cli import add_serve_arguments, platform_from_args, unauthenticated_bind_error
+from loom.platform_cli import platform_from_args, unauthenticated_bind_error
+from loom.platform_flags import add_serve_arguments
 
 
 def _args(*argv: str) -> argparse.Namespace:
