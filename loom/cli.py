@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loom.api.limits import add_limit_flags, limits_from_args
@@ -228,7 +229,7 @@ class _EngineLoad:
         """The ready engine; None (said why) if it could not load."""
         try:
             self.engine.wait_core()
-        except (ValueError, FileNotFoundError) as exc:
+        except (ValueError, OSError) as exc:
             print(f"loom: error: {exc}", file=sys.stderr)
             return None
         finally:
@@ -246,6 +247,9 @@ def _begin_engine(args: argparse.Namespace, quiet: threading.Event) -> _EngineLo
     from loom.tokenizer import default_cache_dir
 
     model_path = str(args.model or default_model_path())
+    if not Path(model_path).exists():
+        print(f"loom: error: no model at {model_path} (give a GGUF file or a Hugging Face folder)", file=sys.stderr)
+        return None
     names = tuple(args.served_model_name or served_model_names(model_path))
     dtype = resolve_dtype(args.dtype)
     config = EngineConfig(
@@ -273,7 +277,7 @@ def _begin_engine(args: argparse.Namespace, quiet: threading.Event) -> _EngineLo
 
     try:
         return _EngineLoad(begin_engine(config, progress, quiet), names, bar)
-    except (ValueError, FileNotFoundError) as exc:  # the tokenizer, read on this thread
+    except (ValueError, OSError) as exc:  # the tokenizer, read on this thread
         bar.close()
         print(f"loom: error: {exc}", file=sys.stderr)
         return None

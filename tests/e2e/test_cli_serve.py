@@ -105,3 +105,11 @@ def test_serve_help_lists_the_options() -> None:
     assert out.returncode == 0, out.stderr
     for option in ("--max-model-len", "--model", "--dtype", "--port", "--kv-cache-gib"):
         assert option in out.stdout
+
+
+def test_serve_names_a_missing_model_and_exits_2(tmp_path: Path) -> None:
+    missing = tmp_path / "nothing.gguf"
+    cmd = [sys.executable, "-m", "loom.cli", "serve", "--no-platform", "--model", str(missing)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stderr
+    assert f"no model at {missing}" in done.stderr and "Traceback" not in done.stderr
