@@ -34,4 +34,6 @@ class EngineConfig:
     def torch_dtype(self) -> torch.dtype:
         import torch
 
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {list(DTYPES)}")
+        return getattr(torch, self.dtype)

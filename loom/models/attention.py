@@ -96,8 +96,8 @@ SDPA_DECODE_MAX_REQUESTS = 16
 def sdpa_wins_decode(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
     """Whether SDPA beats the batched matmuls for 4 decode queries over 256-token contexts, measured.
 
-    Timed once per process and head shape, interleaved, best of 5 (~10 ms), with the engine's
-    threads; the model asks at build time so the step loop finds the answer cached."""
+    Timed once per machine and head shape (`timing.measured`), interleaved, best of 5 (~10 ms),
+    with the engine's threads; the model asks at build time so the step loop finds the answer cached."""
     if dtype == torch.float32:
         return False
     question = f"SDPA beats matmuls for decode attention, {dtype}, {num_heads}/{num_kv_heads} heads of {head_dim}"
@@ -172,7 +172,7 @@ PREFILL_MATMUL_MAX_SCORES = 16 * 2**20
 def sdpa_wins_prefill(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
     """Whether SDPA (as `_prefill_attention` runs it) beats the batched matmuls for a 192-token first chunk.
 
-    Timed once per process and head shape (~20 ms), at build time like `sdpa_wins_decode`."""
+    Timed once per machine and head shape (~20 ms), at build time like `sdpa_wins_decode`."""
     if dtype == torch.float32:
         return True
     question = f"SDPA beats matmuls for prefill attention, {dtype}, {num_heads}/{num_kv_heads} heads of {head_dim}"

@@ -35,7 +35,7 @@ def float32_wins_large_batches() -> bool:
 
     Measured, not read from CPU flags: on an Intel AVX-512-bf16 guest without AMX they did (SmolLM2's
     linears for a 512-token prefill chunk: 352 vs 645 ms, while bf16 won at one row, 5.5 vs 8.8 ms);
-    AMX CPUs run bf16 several times faster. Timed once per process, with the threads the engine runs
+    AMX CPUs run bf16 several times faster. Timed once per machine (`timing.measured`), with the threads the engine runs
     with, on a weight small enough to stay in cache (~30 ms).
     """
     if not (has_native_bf16() and can_pack(torch.bfloat16, torch.device("cpu"))):

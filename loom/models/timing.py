@@ -12,6 +12,7 @@ timing taken beside a busy thread would pick the wrong kernel). Delete the file 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -73,6 +74,7 @@ def machine_fingerprint() -> str:
     return f"{model} ({capability}, flags {flags_hash}), torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+@functools.cache  # the CPU does not change under a process; the thread count can, so it is read each time
 def _cpu_model_and_flags() -> tuple[str, str]:
     try:
         first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n", 1)[0]
