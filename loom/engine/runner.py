@@ -20,8 +20,9 @@ import torch
 from loom.engine.request import Request
 from loom.engine.sampler import token_logprobs
 from loom.engine.scheduler import SchedulerOutput
-from loom.models.attention import AttentionMetadata, PrefillSpan, zeroed_kv_cache
+from loom.models.attention import AttentionMetadata, DecodeContext, PrefillSpan, zeroed_kv_cache
 from loom.models.llama import LlamaModel
+from loom.models.paged_decode import native_decode_supported
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,9 @@ class ModelRunner:
         # lazily zeroed: `torch.zeros` would write the whole cache at start-up (~0.5 s per GiB)
         self.kv_caches = [zeroed_kv_cache(shape, dtype) for _ in range(cfg.num_layers)]
         self.head_offsets = (torch.arange(2 * cfg.num_kv_heads) * num_blocks).unsqueeze(1)  # [2*kv, 1]
+        self.native_decode = native_decode_supported(
+            dtype, self.kv_caches[0].device, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size
+        )
         self.forward_fn: Callable[..., torch.Tensor] = model.forward
 
     def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
@@ -90,8 +94,9 @@ class ModelRunner:
             for span in prompt_spans:
                 start = starts[span.req.req_id] + span.first - span.req.num_computed_tokens
                 logits_idx.extend(range(start, start + span.num))
-        decode_gather, decode_mask = self._decode_context(decodes)
-        meta = AttentionMetadata(_long(slots), self.block_size, len(decodes), decode_gather, decode_mask, tuple(spans))
+        meta = AttentionMetadata(
+            _long(slots), self.block_size, len(decodes), self._decode_context(decodes), tuple(spans)
+        )
         return ModelInput(_long(ids), _long(positions), meta, _long(logits_idx), sampling_reqs, prompt_spans)
 
     def _slot(self, req: Request, position: int) -> int:
@@ -102,19 +107,25 @@ class ModelRunner:
         table = torch.tensor(req.block_ids)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _decode_context(self, decodes: list[Request]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Cache rows to gather for every decode request (blocks padded with 0) and the additive mask of valid tokens."""
+    def _decode_context(self, decodes: list[Request]) -> DecodeContext | None:
+        """Every decode request's blocks (padded with block 0) and context length: as they are for
+        the native kernel, else as cache rows to gather and an additive mask of valid tokens."""
         if not decodes:
-            return None, None
-        context_lens = torch.tensor([req.num_computed_tokens + 1 for req in decodes])
-        max_blocks = -(-int(context_lens.max()) // self.block_size)
-        table = torch.tensor([_padded(req.block_ids[:max_blocks], max_blocks) for req in decodes])
+            return None
+        lens = [req.num_computed_tokens + 1 for req in decodes]
+        max_blocks = -(-max(lens) // self.block_size)
+        rows = [_padded(req.block_ids[:max_blocks], max_blocks) for req in decodes]
+        if self.native_decode:
+            return DecodeContext(
+                torch.tensor(rows, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32), None, None
+            )
+        table = torch.tensor(rows)
         # row of (head h, block b) in the cache viewed as [2*kv_heads * num_blocks, block_size * head_dim]
         gather = (self.head_offsets + table.reshape(1, -1)).reshape(-1)
         pos = torch.arange(max_blocks * self.block_size)
-        valid = (pos.unsqueeze(0) < context_lens.unsqueeze(1)).view(len(decodes), 1, -1)
+        valid = (pos.unsqueeze(0) < torch.tensor(lens).unsqueeze(1)).view(len(decodes), 1, -1)
         mask = torch.zeros(valid.shape, dtype=self.dtype).masked_fill_(~valid, float("-inf"))
-        return gather, mask
+        return DecodeContext(None, None, gather, mask)
 
 
 def _prompt_logprob_spans(sched: SchedulerOutput) -> tuple[PromptLogprobSpan, ...]:

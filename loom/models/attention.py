@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.models.packed_linear import float32_wins_large_batches
+from loom.models.paged_decode import paged_decode
 from loom.models.timing import best_times, measured
 
 
@@ -54,12 +55,22 @@ class PrefillSpan:
 
 
 @dataclass(frozen=True, slots=True)
+class DecodeContext:
+    """Where each decode request's context lives: for the native kernel (block table and lengths) or
+    for the torch path (gather rows and mask), whichever `native_decode_supported` says runs."""
+
+    block_table: torch.Tensor | None  # [num_decodes, max_blocks] int32, padded with block 0
+    context_lens: torch.Tensor | None  # [num_decodes] int32
+    gather: torch.Tensor | None  # [2*kv_heads * num_decodes * max_blocks] rows of the cache's block view
+    mask: torch.Tensor | None  # [num_decodes, 1, max_context] additive: 0 valid, -inf padding
+
+
+@dataclass(frozen=True, slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
     block_size: int
     num_decode_tokens: int
-    decode_gather: torch.Tensor | None  # [2*kv_heads * num_decodes * max_blocks] rows of the cache's block view
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, max_context] additive: 0 valid, -inf padding
+    decode: DecodeContext | None  # None without decode tokens
     prefill_spans: tuple[PrefillSpan, ...]
 
 
@@ -116,17 +127,22 @@ def _time_decode_kernels(dtype: torch.dtype, num_heads: int, num_kv_heads: int, 
 
 
 def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """One query per request: SDPA for few bf16/fp16 requests where it wins here, else batched matmuls."""
-    assert meta.decode_gather is not None and meta.decode_mask is not None
+    """One query per request: the native kernel where the runner built its block table, else the
+    torch path: SDPA for few bf16/fp16 requests where it wins here, else batched matmuls."""
+    ctx = meta.decode
+    assert ctx is not None
+    if ctx.block_table is not None and ctx.context_lens is not None:
+        return paged_decode(q, kv_cache, ctx.block_table, ctx.context_lens, meta.block_size)
+    assert ctx.gather is not None and ctx.mask is not None
     num_reqs, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[0] // 2
     # whole blocks of every head in one dim-0 gather: few, large, contiguous copies
-    blocks = kv_cache.view(-1, meta.block_size * head_dim).index_select(0, meta.decode_gather)
+    blocks = kv_cache.view(-1, meta.block_size * head_dim).index_select(0, ctx.gather)
     kv = blocks.view(kv_cache.shape[0], num_reqs, -1, head_dim)  # [2*kv, D, L, hd]
     k, v = kv[:num_kv_heads], kv[num_kv_heads:]
     if num_reqs <= SDPA_DECODE_MAX_REQUESTS and sdpa_wins_decode(q.dtype, num_heads, num_kv_heads, head_dim):
-        return _decode_sdpa(q, k, v, meta.decode_mask)
-    return _decode_matmuls(q, k, v, meta.decode_mask)
+        return _decode_sdpa(q, k, v, ctx.mask)
+    return _decode_matmuls(q, k, v, ctx.mask)
 
 
 def _decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

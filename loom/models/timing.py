@@ -66,12 +66,21 @@ def measured(question: str, measure: Callable[[], Choice]) -> Choice:
     return answer
 
 
+def cache_dir() -> Path | None:
+    """The cache directory `keep_choices` was given (machine-specific artifacts live there too), or None."""
+    return None if _store is None else _store.parent
+
+
 def machine_fingerprint() -> str:
     """What a kernel timing depends on besides the kernels: CPU, torch build and thread count."""
+    return f"{cpu_fingerprint()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def cpu_fingerprint() -> str:
+    """The CPU as code compiled for it sees it: model, PyTorch's vector capability and the flags' hash."""
     model, flags = _cpu_model_and_flags()
     flags_hash = hashlib.blake2b(flags.encode(), digest_size=6).hexdigest()
-    capability = torch.backends.cpu.get_cpu_capability()
-    return f"{model} ({capability}, flags {flags_hash}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()}, flags {flags_hash})"
 
 
 @functools.cache  # the CPU does not change under a process; the thread count can, so it is read each time

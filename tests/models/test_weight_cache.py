@@ -61,7 +61,7 @@ def logits(model: LlamaModel) -> torch.Tensor:
     """One 6-token prefill, every position's logits."""
     n = 6
     kv = [torch.zeros(2 * CONFIG.num_kv_heads, n, CONFIG.head_dim) for _ in range(CONFIG.num_layers)]
-    meta = AttentionMetadata(torch.arange(n), 16, 0, None, None, (PrefillSpan(0, n, torch.arange(n), True),))
+    meta = AttentionMetadata(torch.arange(n), 16, 0, None, (PrefillSpan(0, n, torch.arange(n), True),))
     return model(torch.arange(1, n + 1), torch.arange(n), kv, meta, torch.arange(n))
 
 

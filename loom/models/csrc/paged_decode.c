@@ -1,0 +1,153 @@
+/* Decode attention over a paged KV cache: one query per request, every head, read in place.
+
+   Built and loaded by loom/models/paged_decode.py (ctypes; see there for why). Each (request, KV
+   head) reads its context's K and V rows once, block by block through the block table, with an
+   online softmax in float32: no gathered copy of the context, no score matrix. Every request is
+   computed on its own, so a row's result does not depend on the batch it shares a step with.
+
+   Cache layout (loom/models/attention.py): [2 * num_kv_heads, num_slots, head_dim] bf16, K heads
+   then V heads; slot = block_id * block_size + offset. */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define LOOM_AVX512BF16 1
+#endif
+
+#define HD_MAX 256
+#define GROUP_MAX 16
+#define BLOCK_MAX 64
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN stays NaN (as torch rounds) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* s[g][t] = q_g . k_t for the n key rows at k (unscaled) */
+static inline void block_scores(const uint16_t *qb, float qf[][HD_MAX], int64_t group, int64_t hd,
+                                const uint16_t *k, int64_t n, float s[][BLOCK_MAX]) {
+#ifdef LOOM_AVX512BF16
+    if (hd % 32 == 0) { /* bf16 pairs multiplied exactly, summed in float32 */
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t g = 0; g < group; g++) {
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t i = 0; i < hd; i += 32)
+                    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qb + g * hd + i),
+                                           (__m512bh)_mm512_loadu_si512(k + t * hd + i));
+                s[g][t] = _mm512_reduce_add_ps(acc);
+            }
+        return;
+    }
+#endif
+    for (int64_t t = 0; t < n; t++) {
+        float kf[HD_MAX];
+        for (int64_t i = 0; i < hd; i++) kf[i] = bf16_to_f32(k[t * hd + i]);
+        for (int64_t g = 0; g < group; g++) {
+            float dot = 0.f;
+            for (int64_t i = 0; i < hd; i++) dot += qf[g][i] * kf[i];
+            s[g][t] = dot;
+        }
+    }
+}
+
+/* acc_g += sum_t p[g][t] * v_t: the block's V rows converted once, each head's sum kept in registers */
+static inline __attribute__((always_inline)) void block_values(const uint16_t *v, int64_t n, int64_t group,
+                                                               const int64_t hd, float s[][BLOCK_MAX],
+                                                               float acc[][HD_MAX]) {
+    float vf[BLOCK_MAX][HD_MAX];
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t i = 0; i < hd; i++) vf[t][i] = bf16_to_f32(v[t * hd + i]);
+    for (int64_t g = 0; g < group; g++) {
+        float a[HD_MAX];
+        for (int64_t i = 0; i < hd; i++) a[i] = acc[g][i];
+        for (int64_t t = 0; t < n; t++) {
+            const float p = s[g][t];
+            for (int64_t i = 0; i < hd; i++) a[i] += p * vf[t][i];
+        }
+        for (int64_t i = 0; i < hd; i++) acc[g][i] = a[i];
+    }
+}
+
+static void one_head(const uint16_t *cache, int64_t num_slots, const uint16_t *qb, uint16_t *ob,
+                     const int32_t *table, int64_t ctx, int64_t kh, int64_t num_kv_heads, int64_t group,
+                     int64_t hd, int64_t block_size, float scale) {
+    float qf[GROUP_MAX][HD_MAX], acc[GROUP_MAX][HD_MAX], m[GROUP_MAX], l[GROUP_MAX], s[GROUP_MAX][BLOCK_MAX];
+    for (int64_t g = 0; g < group; g++) {
+        for (int64_t i = 0; i < hd; i++) {
+            qf[g][i] = bf16_to_f32(qb[g * hd + i]);
+            acc[g][i] = 0.f;
+        }
+        m[g] = -FLT_MAX;
+        l[g] = 0.f;
+    }
+    const uint16_t *kbase = cache + kh * num_slots * hd;
+    const uint16_t *vbase = cache + (num_kv_heads + kh) * num_slots * hd;
+    for (int64_t b = 0; b * block_size < ctx; b++) {
+        const int64_t n = ctx - b * block_size < block_size ? ctx - b * block_size : block_size;
+        const int64_t slot0 = (int64_t)table[b] * block_size;
+        if ((b + 1) * block_size < ctx) { /* the next block lives anywhere: no hardware prefetcher guesses it */
+            const char *kn = (const char *)(kbase + (int64_t)table[b + 1] * block_size * hd);
+            const char *vn = (const char *)(vbase + (int64_t)table[b + 1] * block_size * hd);
+            for (int64_t off = 0; off < block_size * hd * 2; off += 64) {
+                __builtin_prefetch(kn + off);
+                __builtin_prefetch(vn + off);
+            }
+        }
+        block_scores(qb, qf, group, hd, kbase + slot0 * hd, n, s);
+        for (int64_t g = 0; g < group; g++) { /* online softmax: rescale what was summed under the old max */
+            float bm = m[g];
+            for (int64_t t = 0; t < n; t++) {
+                s[g][t] *= scale;
+                bm = s[g][t] > bm ? s[g][t] : bm;
+            }
+            const float corr = expf(m[g] - bm);
+            l[g] *= corr;
+            for (int64_t i = 0; i < hd; i++) acc[g][i] *= corr;
+            for (int64_t t = 0; t < n; t++) {
+                s[g][t] = expf(s[g][t] - bm);
+                l[g] += s[g][t];
+            }
+            m[g] = bm;
+        }
+        if (hd == 64)
+            block_values(vbase + slot0 * hd, n, group, 64, s, acc);
+        else if (hd == 128)
+            block_values(vbase + slot0 * hd, n, group, 128, s, acc);
+        else
+            block_values(vbase + slot0 * hd, n, group, hd, s, acc);
+    }
+    for (int64_t g = 0; g < group; g++) {
+        const float inv = 1.f / l[g];
+        for (int64_t i = 0; i < hd; i++) ob[g * hd + i] = f32_to_bf16(acc[g][i] * inv);
+    }
+}
+
+/* Limits the caller checks: head_dim <= 256, num_heads / num_kv_heads <= 16, block_size <= 64,
+   every context_lens[d] >= 1. q: request d's head h at q + d * q_stride + h * head_dim;
+   out: [num_reqs, num_heads, head_dim] contiguous; block_table: [num_reqs, max_blocks]. */
+int loom_paged_decode_bf16(const uint16_t *cache, int64_t num_slots, const uint16_t *q, int64_t q_stride,
+                           uint16_t *out, const int32_t *block_table, int64_t max_blocks,
+                           const int32_t *context_lens, int64_t num_reqs, int64_t num_heads,
+                           int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale) {
+    const int64_t group = num_heads / num_kv_heads;
+    if (head_dim > HD_MAX || group > GROUP_MAX || block_size > BLOCK_MAX || group * num_kv_heads != num_heads) return 1;
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int64_t d = 0; d < num_reqs; d++)
+        for (int64_t kh = 0; kh < num_kv_heads; kh++)
+            one_head(cache, num_slots, q + d * q_stride + kh * group * head_dim,
+                     out + (d * num_heads + kh * group) * head_dim, block_table + d * max_blocks, context_lens[d],
+                     kh, num_kv_heads, group, head_dim, block_size, scale);
+    return 0;
+}
