@@ -22,7 +22,7 @@ from loom.engine.sampler import token_logprobs
 from loom.engine.scheduler import SchedulerOutput
 from loom.models.attention import AttentionMetadata, DecodeContext, PrefillSpan, zeroed_kv_cache
 from loom.models.llama import LlamaModel
-from loom.models.paged_decode import native_decode_supported
+from loom.models.native import native_decode_supported
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loom.models.native import paged_decode
 from loom.models.packed_linear import float32_wins_large_batches
-from loom.models.paged_decode import paged_decode
 from loom.models.timing import best_times, measured
 
 
@@ -76,11 +76,12 @@ class AttentionMetadata:
 
 def paged_attention(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-    kv_new: torch.Tensor,  # [num_tokens, 2 * num_kv_heads, head_dim] this step's K|V
+    kv_new: torch.Tensor | None,  # [num_tokens, 2 * num_kv_heads, head_dim] this step's K|V; None: already written
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    kv_cache.index_copy_(1, meta.slot_mapping, kv_new.transpose(0, 1))
+    if kv_new is not None:
+        kv_cache.index_copy_(1, meta.slot_mapping, kv_new.transpose(0, 1))
     nd = meta.num_decode_tokens
     if not meta.prefill_spans:
         return _decode_attention(q, kv_cache, meta)

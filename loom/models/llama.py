@@ -25,6 +25,7 @@ from loom.models.linear import (
     measure_small_batch_rows,
     use_float32_copies,
 )
+from loom.models.native import native_layer_ops_supported, rms_norm, rope_and_write
 from loom.models.prepared import LINEAR_NAMES, PreparedWeights
 
 
@@ -109,18 +110,27 @@ class DecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         num_small_rows: int = 0,  # leading rows that may take the small-batch kernels (see linear.py)
+        native: bool = False,  # the norms, RoPE and the cache write in native kernels (native.py)
     ) -> torch.Tensor:
         num_tokens, nq = hidden.shape[0], num_small_rows
-        x = F.rms_norm(hidden, (hidden.shape[-1],), self.input_norm, self.eps)
+        x = self._norm(hidden, self.input_norm, native)
         qkv = apply_linear(self.qkv_proj, x, nq).view(num_tokens, -1, self.head_dim)  # [T, heads + 2*kv_heads, hd]
-        # q and k share one RoPE call: they are the leading heads of the fused projection
-        rope.apply_(qkv[:, : self.num_heads + self.num_kv_heads], *cos_sin)
         q, kv_new = qkv[:, : self.num_heads], qkv[:, self.num_heads :]
-        attn = paged_attention(q, kv_new, kv_cache, meta).reshape(num_tokens, -1)
-        hidden = hidden + apply_linear(self.o_proj, attn, nq)
-        x = F.rms_norm(hidden, (hidden.shape[-1],), self.post_attn_norm, self.eps)
+        if native:  # this step's K and V are in the cache afterwards
+            rope_and_write(qkv, *cos_sin, self.num_heads, kv_cache, meta.slot_mapping)
+            attn = paged_attention(q, None, kv_cache, meta)
+        else:  # q and k share one RoPE call: they are the leading heads of the fused projection
+            rope.apply_(qkv[:, : self.num_heads + self.num_kv_heads], *cos_sin)
+            attn = paged_attention(q, kv_new, kv_cache, meta)
+        hidden = hidden + apply_linear(self.o_proj, attn.reshape(num_tokens, -1), nq)
+        x = self._norm(hidden, self.post_attn_norm, native)
         gate, up = apply_linear(self.gate_up_proj, x, nq).split(self.intermediate_size, dim=-1)
         return hidden + apply_linear(self.down_proj, F.silu(gate) * up, nq)
+
+    def _norm(self, hidden: torch.Tensor, weight: torch.Tensor, native: bool) -> torch.Tensor:
+        return (
+            rms_norm(hidden, weight, self.eps) if native else F.rms_norm(hidden, (hidden.shape[-1],), weight, self.eps)
+        )
 
 
 class LlamaModel(nn.Module):
@@ -154,6 +164,7 @@ class LlamaModel(nn.Module):
         self.max_small_batch_rows = max_small_batch_rows
         for probe in (sdpa_wins_decode, sdpa_wins_prefill):  # timed now, not in the step loop
             probe(dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.native_ops = native_layer_ops_supported(self.norm.dtype, self.norm.device, cfg.head_dim)
 
     def _head(
         self, cfg: ModelConfig, weights: PreparedWeights | None, dtype: torch.dtype, float32_copy: bool
@@ -178,7 +189,7 @@ class LlamaModel(nn.Module):
         cos_sin = self.rope.tables(positions)
         nq = meta.num_decode_tokens if meta.num_decode_tokens <= self.max_small_batch_rows else 0
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, self.rope, cos_sin, kv, meta, nq)
+            hidden = layer(hidden, self.rope, cos_sin, kv, meta, nq, self.native_ops)
         hidden = hidden.index_select(0, logits_indices)
         hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.config.rms_norm_eps)
         # the runner lists decode tokens' logits rows first, so they are the leading rows here too

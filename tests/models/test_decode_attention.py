@@ -17,7 +17,7 @@ from loom.models.attention import (
     _decode_attention,
     sdpa_wins_decode,
 )
-from loom.models.paged_decode import native_decode_supported, paged_decode
+from loom.models.native import native_decode_supported, paged_decode
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 6, 2, 32, 4, 256
 

@@ -1,6 +1,6 @@
-"""The native decode-attention kernel (csrc/paged_decode.c): built once per machine, loaded with ctypes.
+"""Native CPU kernels (csrc/*.c): built once per machine, loaded with ctypes.
 
-PyTorch has no CPU attention over a paged cache, so the torch path (attention.py) first gathers
+Decode attention (csrc/paged_decode.c). PyTorch has no CPU attention over a paged cache, so the torch path (attention.py) first gathers
 every request's whole context into one tensor and then multiplies it: the context is read twice
 and written once per layer, and bf16 batched matmuls over 1-4 queries are slow on CPUs without
 AMX. The kernel reads each K and V row in place, once, in float32 (more exact than the torch
@@ -8,11 +8,16 @@ path's bf16 scores). SmolLM2 shapes, 30 layers of ~220-token contexts spread ove
 2-core AMD EPYC (Zen 4) guest: 0.6-0.8 vs 4.2-7.2 ms per step at 1 request, 3.2-4.0 vs 7.7-10.5 at
 4, 24 vs 25-38 at 32, 45-51 vs 56-94 at 64.
 
+Layer steps (csrc/layer_ops.c): a bf16 decoder layer's RMSNorms, and its RoPE with the K/V cache
+write, each one pass. At one decode row a step is
+mostly small kernels: F.rms_norm alone is 8 of them, ~13.5 us a call against ~0.5 us for a ctypes
+call on the same 2-core guest.
+
 Why a C file and ctypes, not a PyTorch C++ extension: it compiles in ~0.5 s with the system C
 compiler (torch's headers take ~40 s), needs no ninja, and the call releases the GIL. It links
 the OpenMP runtime torch already loaded (same soname), so it runs on the engine thread's OpenMP
 team like every torch kernel. Built with `-march=native` into `<cache dir>/kernels/`, keyed by the
-source, compiler and CPU; without a compiler, or with `LOOM_NATIVE_ATTENTION=0`, the torch path
+source, compiler and CPU; without a compiler, or with `LOOM_NATIVE_KERNELS=0`, the torch path
 runs instead (logged once).
 """
 
@@ -34,7 +39,7 @@ from loom.models.timing import cache_dir, cpu_fingerprint
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
+SOURCES = (Path(__file__).with_name("csrc") / "paged_decode.c", Path(__file__).with_name("csrc") / "layer_ops.c")
 FLAGS = (
     "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared",
     # vectorized sums: reassociation only, no -ffast-math (gcc 12 links crtfastmath.o even into a
@@ -44,7 +49,7 @@ FLAGS = (
 MAX_HEAD_DIM, MAX_GROUP, MAX_BLOCK_SIZE = 256, 16, 64  # the kernel's stack buffers (csrc/paged_decode.c)
 BUILD_TIMEOUT_S = 120
 
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
 
 def native_decode_supported(
@@ -55,7 +60,41 @@ def native_decode_supported(
         return False
     if head_dim > MAX_HEAD_DIM or block_size > MAX_BLOCK_SIZE or num_heads % num_kv_heads:
         return False
-    return num_heads // num_kv_heads <= MAX_GROUP and _kernel() is not None
+    return num_heads // num_kv_heads <= MAX_GROUP and _library() is not None
+
+
+def native_layer_ops_supported(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
+    """Whether `rms_norm` and `rope_and_write` run here for this model."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and head_dim <= MAX_HEAD_DIM and _library() is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """F.rms_norm over the last dim of `x` `[rows, dim]` bf16, into a new tensor."""
+    lib = _library()
+    assert lib is not None and weight.is_contiguous()
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    lib.loom_rms_norm_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+    return out
+
+
+def rope_and_write(
+    qkv: torch.Tensor,  # [T, heads + 2*kv_heads, hd] bf16, rows contiguous
+    cos: torch.Tensor,  # [T, 1, hd] (RotaryEmbedding.tables)
+    signed_sin: torch.Tensor,
+    num_heads: int,
+    kv_cache: torch.Tensor,  # [2*kv_heads, slots, hd]
+    slots: torch.Tensor,  # [T] int64
+) -> None:
+    """Rotates the q and k heads of `qkv` in place and writes each token's k and v heads at its slot."""
+    lib = _library()
+    assert lib is not None and qkv.stride(2) == 1 and qkv.stride(1) == qkv.shape[2]
+    assert cos.is_contiguous() and signed_sin.is_contiguous() and slots.dtype == torch.long and slots.is_contiguous()
+    rows, _, head_dim = qkv.shape
+    lib.loom_rope_write_bf16(
+        qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), signed_sin.data_ptr(), rows, num_heads,
+        kv_cache.shape[0] // 2, head_dim, kv_cache.data_ptr(), kv_cache.shape[1], slots.data_ptr(),
+    )  # fmt: skip
 
 
 def paged_decode(
@@ -65,13 +104,15 @@ def paged_decode(
     context_lens: torch.Tensor,  # [D] int32, each >= 1
     block_size: int,
 ) -> torch.Tensor:  # [D, heads, hd]
-    kernel = _kernel()
-    assert kernel is not None, "check native_decode_supported first"
+    lib = _library()
+    assert lib is not None, "check native_decode_supported first"
+    if q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16:
+        raise ValueError(f"the native decode kernel reads bf16, not {q.dtype} queries over a {kv_cache.dtype} cache")
     num_reqs, num_heads, head_dim = q.shape
     if q.stride(2) != 1 or q.stride(1) != head_dim:
         q = q.contiguous()
     out = torch.empty(num_reqs, num_heads, head_dim, dtype=q.dtype)
-    status = kernel(
+    status = lib.loom_paged_decode_bf16(
         kv_cache.data_ptr(), kv_cache.shape[1], q.data_ptr(), q.stride(0), out.data_ptr(),
         block_table.data_ptr(), block_table.shape[1], context_lens.data_ptr(),
         num_reqs, num_heads, kv_cache.shape[0] // 2, head_dim, block_size, head_dim**-0.5,
@@ -82,9 +123,9 @@ def paged_decode(
 
 
 @functools.cache
-def _kernel() -> ctypes._CFuncPtr | None:
-    if os.environ.get("LOOM_NATIVE_ATTENTION", "1") == "0":
-        log.info("LOOM_NATIVE_ATTENTION=0: decode attention runs on the torch path")
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("LOOM_NATIVE_KERNELS", "1") == "0":
+        log.info("LOOM_NATIVE_KERNELS=0: every kernel runs on the torch path")
         return None
     try:
         root = cache_dir()
@@ -94,12 +135,15 @@ def _kernel() -> ctypes._CFuncPtr | None:
             with tempfile.TemporaryDirectory(prefix="loom-kernels-") as folder:
                 lib = ctypes.CDLL(str(_built_library(Path(folder))))
     except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("no native decode attention (%s); decode attention runs on the torch path", exc)
+        log.warning("no native kernels (%s); every kernel runs on the torch path", exc)
         return None
-    fn = lib.loom_paged_decode_bf16
-    fn.restype = ctypes.c_int
-    fn.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, ctypes.c_float]
-    return fn
+    lib.loom_paged_decode_bf16.restype = ctypes.c_int
+    lib.loom_paged_decode_bf16.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _I64, _PTR] + [_I64] * 5 + [_F32]
+    lib.loom_rms_norm_bf16.restype = None
+    lib.loom_rms_norm_bf16.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _F32]
+    lib.loom_rope_write_bf16.restype = None
+    lib.loom_rope_write_bf16.argtypes = [_PTR, _I64, _PTR, _PTR] + [_I64] * 4 + [_PTR, _I64, _PTR]
+    return lib
 
 
 def _built_library(folder: Path) -> Path:
@@ -109,19 +153,21 @@ def _built_library(folder: Path) -> Path:
         raise OSError("no C compiler (cc, gcc or $CC) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.blake2b(
-        "\n".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS), cpu_fingerprint()]).encode(),
+        "\n".join(
+            [*(src.read_text() for src in SOURCES), compiler, version, " ".join(FLAGS), cpu_fingerprint()]
+        ).encode(),
         digest_size=8,
     ).hexdigest()
-    target = folder / f"paged_decode-{key}.so"
+    target = folder / f"cpu_kernels-{key}.so"
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{target.name}.{os.getpid()}.tmp"
-    cmd = [compiler, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"]
+    cmd = [compiler, *FLAGS, *map(str, SOURCES), "-o", str(tmp), "-lm"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise OSError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
     os.replace(tmp, target)  # another process building the same key writes the same bytes
-    log.info("built the native decode attention kernel: %s", target)
+    log.info("built the native kernels: %s", target)
     return target

@@ -1,0 +1,63 @@
+/* Fused elementwise steps of a decoder layer in bf16, each one pass where the torch path takes
+   3-8 small kernels (loom/models/native.py says why that matters). Each rounds to bf16 where the
+   torch path does, so both give the same bits up to float32 summation order. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t to_bf(float f) { /* round to nearest even, NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float round_bf(float f) { return bf(to_bf(f)); }
+
+/* out = bf16(x * rsqrt(mean(x^2) + eps) * weight) per row of x [rows, dim]: F.rms_norm rounds once */
+void loom_rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t rows, int64_t dim,
+                        float eps) {
+#pragma omp parallel for schedule(static) if (rows * dim >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *h = x + r * dim;
+        float sum = 0.f;
+        for (int64_t i = 0; i < dim; i++) sum += bf(h[i]) * bf(h[i]);
+        const float rstd = 1.f / sqrtf(sum / (float)dim + eps);
+        uint16_t *o = out + r * dim;
+        for (int64_t i = 0; i < dim; i++) o[i] = to_bf(bf(h[i]) * rstd * bf(weight[i]));
+    }
+}
+
+/* For each token t: rotates its q and k heads in place (x * cos + rotate_half(x) * sin, written
+   as torch's x.mul_(cos).addcmul_(roll(x), signed_sin): two roundings), then writes its k and v
+   heads into the cache at slots[t]. qkv row t: [q heads | k heads | v heads] x head_dim at
+   qkv + t * row_stride; cos / signed_sin: [T, head_dim]; cache: [2 * kv_heads, num_slots, head_dim]. */
+void loom_rope_write_bf16(uint16_t *qkv, int64_t row_stride, const uint16_t *cos, const uint16_t *signed_sin,
+                          int64_t rows, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                          uint16_t *cache, int64_t num_slots, const int64_t *slots) {
+    const int64_t half = head_dim / 2;
+#pragma omp parallel for schedule(static) if (rows >= 64)
+    for (int64_t t = 0; t < rows; t++) {
+        const uint16_t *c = cos + t * head_dim, *s = signed_sin + t * head_dim;
+        uint16_t *row = qkv + t * row_stride;
+        for (int64_t h = 0; h < num_heads + num_kv_heads; h++) {
+            uint16_t *x = row + h * head_dim;
+            float orig[512];
+            for (int64_t i = 0; i < head_dim; i++) orig[i] = bf(x[i]);
+            for (int64_t i = 0; i < head_dim; i++) {
+                const float rolled = orig[(i + half) % head_dim];
+                x[i] = to_bf(round_bf(orig[i] * bf(c[i])) + rolled * bf(s[i]));
+            }
+        }
+        for (int64_t j = 0; j < 2 * num_kv_heads; j++)
+            memcpy(cache + (j * num_slots + slots[t]) * head_dim, row + (num_heads + j) * head_dim, head_dim * 2);
+    }
+}

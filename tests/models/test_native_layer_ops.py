@@ -1,0 +1,48 @@
+"""The native layer steps give what the torch path gives: RMSNorm with F.rms_norm's roundings, and
+RoPE plus the cache write as `RotaryEmbedding.apply_` and `index_copy_` do them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loom.models.llama import RotaryEmbedding
+from loom.models.native import native_layer_ops_supported, rms_norm, rope_and_write
+
+pytestmark = pytest.mark.skipif(
+    not native_layer_ops_supported(torch.bfloat16, torch.device("cpu"), 64), reason="no C compiler"
+)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_rms_norm_matches_the_torch_path(rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 576, generator=gen) * 30).to(torch.bfloat16)
+    x[0, 3] = 900.0  # the residual stream's few huge activations
+    weight = (torch.rand(576, generator=gen) + 0.5).to(torch.bfloat16)
+    ours, theirs = rms_norm(x, weight, 1e-5), F.rms_norm(x, (576,), weight, 1e-5)
+    # the same roundings: at most one bf16 step apart where float32 sums in another order tip one
+    diff = (ours.float() - theirs.float()).abs()
+    assert bool((diff <= theirs.float().abs() * 2**-7 + 1e-6).all())
+    assert float((ours != theirs).float().mean()) < 0.01
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 128), (8, 2, 32)])
+def test_rope_and_cache_write_match_the_torch_path(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    gen = torch.Generator().manual_seed(head_dim)
+    rows, num_slots = 13, 64
+    rope = RotaryEmbedding(head_dim, 10000.0, 256, torch.bfloat16)
+    positions = torch.randint(0, 256, (rows,), generator=gen)
+    cos, sin = rope.tables(positions)
+    slots = torch.randperm(num_slots, generator=gen)[:rows]
+    qkv = torch.randn(rows, num_heads + 2 * num_kv_heads, head_dim, generator=gen).to(torch.bfloat16)
+    cache = torch.zeros(2 * num_kv_heads, num_slots, head_dim, dtype=torch.bfloat16)
+
+    expected_qkv, expected_cache = qkv.clone(), cache.clone()
+    rope.apply_(expected_qkv[:, : num_heads + num_kv_heads], cos, sin)
+    expected_cache.index_copy_(1, slots, expected_qkv[:, num_heads:].transpose(0, 1))
+
+    rope_and_write(qkv, cos, sin, num_heads, cache, slots)
+    assert torch.equal(qkv, expected_qkv)
+    assert torch.equal(cache, expected_cache)
