@@ -40,12 +40,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from loom.engine.logits_processors import apply_logits_processors
 from loom.engine.logprobs import TokenLogprob
 from loom.engine.sampling_batch import SamplingBatch
 
 _NEG_INF = float("-inf")
+_DRAW_BLOCK = 1024  # tokens per block of the two-level draw (`_draw`)
 _TOP_P_CANDIDATES = (256, 4096)  # top_p looks at this many tokens, then this many, then sorts (`_draw_nucleus`)
 
 
@@ -204,10 +206,28 @@ def _draw_sorted(
 
 
 def _draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Inverse CDF: the first token whose cumulative probability exceeds uniform * total."""
-    cdf = probs.cumsum(dim=-1)  # [R, vocab], unnormalized: filters zeroed some tokens
-    target = uniform.unsqueeze(1) * cdf[:, -1:]  # [R, 1]
-    sampled = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+    """Inverse CDF: the first token whose cumulative probability exceeds uniform * total.
+
+    Over a vocabulary-sized row, in two levels: the block of `_DRAW_BLOCK` tokens where the target
+    falls (from block sums), then the token within that block. A cumulative sum of the whole row
+    is one sequential pass; block sums vectorize (32 x 49,152, 2 threads, 2-core AMD EPYC guest:
+    0.22 vs 0.85 ms). The same draw up to float32 summation order."""
+    rows, vocab = probs.shape
+    if vocab <= 4 * _DRAW_BLOCK:
+        cdf = probs.cumsum(dim=-1)  # [R, vocab], unnormalized: filters zeroed some tokens
+        target = uniform.unsqueeze(1) * cdf[:, -1:]  # [R, 1]
+        sampled = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    else:
+        pad = -vocab % _DRAW_BLOCK
+        blocks = (F.pad(probs, (0, pad)) if pad else probs).view(rows, -1, _DRAW_BLOCK)
+        block_cdf = blocks.sum(dim=-1).cumsum(dim=-1)  # [R, num_blocks]
+        target = uniform.unsqueeze(1) * block_cdf[:, -1:]
+        block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.shape[1] - 1)  # [R, 1]
+        before = block_cdf.gather(1, (block - 1).clamp(min=0)).masked_fill_(block == 0, 0.0)
+        inner = blocks[torch.arange(rows), block.squeeze(1)]  # [R, block]
+        offset = torch.searchsorted(inner.cumsum(dim=-1), target - before, right=True)
+        sampled = (block * _DRAW_BLOCK + offset.clamp_(max=_DRAW_BLOCK - 1)).squeeze(1)
+    sampled = sampled.clamp_(max=vocab - 1)
     # rounding can land past the last token with probability: take the row's best token instead
     stray = probs.gather(1, sampled.unsqueeze(1)).squeeze(1) == 0
     if bool(stray.any()):

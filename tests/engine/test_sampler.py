@@ -13,6 +13,7 @@ import torch
 from batch_helpers import admitted_request, sample_output
 
 from loom.engine.request import _MT_STATE_OFFSET, Request, seeded_generator
+from loom.engine.sampler import _draw
 
 EOS = 2
 VOCAB = 16
@@ -249,3 +250,28 @@ def test_top_p_from_candidates_draws_exactly_what_a_full_sort_draws() -> None:
     first, second = (probs.topk(k, dim=-1).values.sum(dim=-1) >= p for k in _TOP_P_CANDIDATES)
     # every path was taken: 256 candidates, 4,096, the whole sort
     assert first[:6].any() and not first[6:].any() and second[6:9].all() and not second[9:].any()
+
+
+@pytest.mark.parametrize("vocab", [49152, 5000])  # whole blocks, and a last block padded
+def test_the_two_level_draw_is_the_inverse_cdf_over_a_large_vocabulary(vocab: int) -> None:
+    gen = torch.Generator().manual_seed(vocab)
+    probs = (torch.randn(4, vocab, generator=gen) * 4).softmax(dim=-1)
+    probs[1, : vocab // 2] = 0.0  # whole blocks with no mass are stepped over
+    probs[2] = 0.0
+    probs[2, [3, 1500, vocab - 1]] = torch.tensor([0.25, 0.5, 0.25])  # three tokens, the last in the padded block
+    cdf = probs.double().cumsum(dim=-1)
+    for u in torch.linspace(0.001, 0.999, 97).tolist():
+        uniform = torch.full((4,), u)
+        drawn = _draw(probs, uniform)
+        expected = torch.searchsorted(cdf, (uniform.double() * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+        for row in range(4):
+            token = int(drawn[row])
+            assert probs[row, token] > 0
+            # float32 block sums and float64 cumulative sums may split a boundary differently: one token apart at most
+            nonzero = probs[row].nonzero().squeeze(1)
+            assert abs(int((nonzero == token).nonzero()) - int((nonzero <= int(expected[row])).sum()) + 1) <= 1
+    counts = Counter(int(_draw(probs[2:3], torch.rand(1, generator=gen))) for _ in range(4000))
+    assert counts[1500] / 4000 == pytest.approx(0.5, abs=0.03)
+    assert counts[3] / 4000 == pytest.approx(0.25, abs=0.03) and counts[vocab - 1] / 4000 == pytest.approx(
+        0.25, abs=0.03
+    )
