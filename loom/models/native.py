@@ -39,7 +39,9 @@ from loom.models.timing import cache_dir, cpu_fingerprint
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("csrc") / "paged_decode.c", Path(__file__).with_name("csrc") / "layer_ops.c")
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "paged_decode.c", CSRC / "layer_ops.c")
+HEADERS = (CSRC / "bf16.h",)
 FLAGS = (
     "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared",
     # vectorized sums: reassociation only, no -ffast-math (gcc 12 links crtfastmath.o even into a
@@ -154,7 +156,7 @@ def _built_library(folder: Path) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.blake2b(
         "\n".join(
-            [*(src.read_text() for src in SOURCES), compiler, version, " ".join(FLAGS), cpu_fingerprint()]
+            [*(src.read_text() for src in (*SOURCES, *HEADERS)), compiler, version, " ".join(FLAGS), cpu_fingerprint()]
         ).encode(),
         digest_size=8,
     ).hexdigest()

@@ -1,12 +1,17 @@
 """The native layer steps give what the torch path gives: RMSNorm with F.rms_norm's roundings, and
-RoPE plus the cache write as `RotaryEmbedding.apply_` and `index_copy_` do them."""
+RoPE plus the cache write as `RotaryEmbedding.apply_` and `index_copy_` do them; the library is
+built once per machine, and without a working compiler everything runs on the torch path."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from loom.models import native, timing
 from loom.models.llama import RotaryEmbedding
 from loom.models.native import native_layer_ops_supported, rms_norm, rope_and_write
 
@@ -46,3 +51,39 @@ def test_rope_and_cache_write_match_the_torch_path(num_heads: int, num_kv_heads:
     rope_and_write(qkv, cos, sin, num_heads, cache, slots)
     assert torch.equal(qkv, expected_qkv)
     assert torch.equal(cache, expected_cache)
+
+
+@pytest.fixture
+def fresh_library() -> Iterator[None]:
+    """`native._library` is built once per process: forget it around the test, and after."""
+    native._library.cache_clear()
+    yield
+    native._library.cache_clear()
+    timing.keep_choices(None)
+
+
+@pytest.mark.parametrize("compiler", ["/nonexistent/cc", "false"])  # missing, and one that fails
+def test_without_a_working_compiler_every_step_runs_on_the_torch_path(
+    compiler: str, fresh_library: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CC", compiler)
+    cpu = torch.device("cpu")
+    assert not native.native_decode_supported(torch.bfloat16, cpu, 9, 3, 64, 16)
+    assert not native_layer_ops_supported(torch.bfloat16, cpu, 64)
+    assert "every kernel runs on the torch path" in caplog.text
+
+
+def test_loom_native_kernels_0_turns_them_off(fresh_library: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOOM_NATIVE_KERNELS", "0")
+    assert not native_layer_ops_supported(torch.bfloat16, torch.device("cpu"), 64)
+
+
+def test_the_library_is_built_once_into_the_cache_directory(fresh_library: None, tmp_path: Path) -> None:
+    timing.keep_choices(tmp_path)
+    assert native_layer_ops_supported(torch.bfloat16, torch.device("cpu"), 64)
+    built = list((tmp_path / "kernels").glob("cpu_kernels-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    native._library.cache_clear()  # a new process, as far as the library goes
+    assert native_layer_ops_supported(torch.bfloat16, torch.device("cpu"), 64)
+    assert list((tmp_path / "kernels").glob("cpu_kernels-*.so")) == built and built[0].stat().st_mtime_ns == stamp

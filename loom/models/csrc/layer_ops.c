@@ -5,22 +5,8 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+#include "bf16.h"
 
-static inline uint16_t to_bf(float f) { /* round to nearest even, NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline float round_bf(float f) { return bf(to_bf(f)); }
 
 /* out = bf16(x * rsqrt(mean(x^2) + eps) * weight) per row of x [rows, dim]: F.rms_norm rounds once */
 void loom_rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t rows, int64_t dim,
@@ -29,10 +15,10 @@ void loom_rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *h = x + r * dim;
         float sum = 0.f;
-        for (int64_t i = 0; i < dim; i++) sum += bf(h[i]) * bf(h[i]);
+        for (int64_t i = 0; i < dim; i++) sum += bf16_to_f32(h[i]) * bf16_to_f32(h[i]);
         const float rstd = 1.f / sqrtf(sum / (float)dim + eps);
         uint16_t *o = out + r * dim;
-        for (int64_t i = 0; i < dim; i++) o[i] = to_bf(bf(h[i]) * rstd * bf(weight[i]));
+        for (int64_t i = 0; i < dim; i++) o[i] = f32_to_bf16(bf16_to_f32(h[i]) * rstd * bf16_to_f32(weight[i]));
     }
 }
 
@@ -51,10 +37,10 @@ void loom_rope_write_bf16(uint16_t *qkv, int64_t row_stride, const uint16_t *cos
         for (int64_t h = 0; h < num_heads + num_kv_heads; h++) {
             uint16_t *x = row + h * head_dim;
             float orig[512];
-            for (int64_t i = 0; i < head_dim; i++) orig[i] = bf(x[i]);
+            for (int64_t i = 0; i < head_dim; i++) orig[i] = bf16_to_f32(x[i]);
             for (int64_t i = 0; i < head_dim; i++) {
                 const float rolled = orig[(i + half) % head_dim];
-                x[i] = to_bf(round_bf(orig[i] * bf(c[i])) + rolled * bf(s[i]));
+                x[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(orig[i] * bf16_to_f32(c[i]))) + rolled * bf16_to_f32(s[i]));
             }
         }
         for (int64_t j = 0; j < 2 * num_kv_heads; j++)

@@ -11,6 +11,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "bf16.h"
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define LOOM_AVX512BF16 1
@@ -19,21 +21,6 @@
 #define HD_MAX 256
 #define GROUP_MAX 16
 #define BLOCK_MAX 64
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN stays NaN (as torch rounds) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* s[g][t] = q_g . k_t for the n key rows at k (unscaled) */
 static inline void block_scores(const uint16_t *qb, float qf[][HD_MAX], int64_t group, int64_t hd,
