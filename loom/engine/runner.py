@@ -20,7 +20,7 @@ import torch
 from loom.engine.request import Request
 from loom.engine.sampler import token_logprobs
 from loom.engine.scheduler import SchedulerOutput
-from loom.models.attention import AttentionMetadata, DecodeContext, PrefillSpan, zeroed_kv_cache
+from loom.models.attention import AttentionMetadata, DecodeBlocks, DecodeGather, PrefillSpan, zeroed_kv_cache
 from loom.models.llama import LlamaModel
 from loom.models.native import native_decode_supported
 
@@ -107,7 +107,7 @@ class ModelRunner:
         table = torch.tensor(req.block_ids)
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _decode_context(self, decodes: list[Request]) -> DecodeContext | None:
+    def _decode_context(self, decodes: list[Request]) -> DecodeBlocks | DecodeGather | None:
         """Every decode request's blocks (padded with block 0) and context length: as they are for
         the native kernel, else as cache rows to gather and an additive mask of valid tokens."""
         if not decodes:
@@ -116,16 +116,14 @@ class ModelRunner:
         max_blocks = -(-max(lens) // self.block_size)
         rows = [_padded(req.block_ids[:max_blocks], max_blocks) for req in decodes]
         if self.native_decode:
-            return DecodeContext(
-                torch.tensor(rows, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32), None, None
-            )
+            return DecodeBlocks(torch.tensor(rows, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32))
         table = torch.tensor(rows)
         # row of (head h, block b) in the cache viewed as [2*kv_heads * num_blocks, block_size * head_dim]
         gather = (self.head_offsets + table.reshape(1, -1)).reshape(-1)
         pos = torch.arange(max_blocks * self.block_size)
         valid = (pos.unsqueeze(0) < torch.tensor(lens).unsqueeze(1)).view(len(decodes), 1, -1)
         mask = torch.zeros(valid.shape, dtype=self.dtype).masked_fill_(~valid, float("-inf"))
-        return DecodeContext(None, None, gather, mask)
+        return DecodeGather(gather, mask)
 
 
 def _prompt_logprob_spans(sched: SchedulerOutput) -> tuple[PromptLogprobSpan, ...]:

@@ -55,14 +55,19 @@ class PrefillSpan:
 
 
 @dataclass(frozen=True, slots=True)
-class DecodeContext:
-    """Where each decode request's context lives: for the native kernel (block table and lengths) or
-    for the torch path (gather rows and mask), whichever `native_decode_supported` says runs."""
+class DecodeBlocks:
+    """Each decode request's context as the native kernel reads it (`native_decode_supported`)."""
 
-    block_table: torch.Tensor | None  # [num_decodes, max_blocks] int32, padded with block 0
-    context_lens: torch.Tensor | None  # [num_decodes] int32
-    gather: torch.Tensor | None  # [2*kv_heads * num_decodes * max_blocks] rows of the cache's block view
-    mask: torch.Tensor | None  # [num_decodes, 1, max_context] additive: 0 valid, -inf padding
+    block_table: torch.Tensor  # [num_decodes, max_blocks] int32, padded with block 0
+    context_lens: torch.Tensor  # [num_decodes] int32
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeGather:
+    """Each decode request's context as the torch path reads it: cache rows to gather and a mask."""
+
+    gather: torch.Tensor  # [2*kv_heads * num_decodes * max_blocks] rows of the cache's block view
+    mask: torch.Tensor  # [num_decodes, 1, max_context] additive: 0 valid, -inf padding
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +75,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] where each new token's K/V is written
     block_size: int
     num_decode_tokens: int
-    decode: DecodeContext | None  # None without decode tokens
+    decode: DecodeBlocks | DecodeGather | None  # None without decode tokens
     prefill_spans: tuple[PrefillSpan, ...]
 
 
@@ -131,10 +136,9 @@ def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMe
     """One query per request: the native kernel where the runner built its block table, else the
     torch path: SDPA for few bf16/fp16 requests where it wins here, else batched matmuls."""
     ctx = meta.decode
-    assert ctx is not None
-    if ctx.block_table is not None and ctx.context_lens is not None:
+    if isinstance(ctx, DecodeBlocks):
         return paged_decode(q, kv_cache, ctx.block_table, ctx.context_lens, meta.block_size)
-    assert ctx.gather is not None and ctx.mask is not None
+    assert ctx is not None
     num_reqs, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[0] // 2
     # whole blocks of every head in one dim-0 gather: few, large, contiguous copies

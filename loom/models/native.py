@@ -1,20 +1,19 @@
 """Native CPU kernels (csrc/*.c): built once per machine, loaded with ctypes.
 
-Decode attention (csrc/paged_decode.c). PyTorch has no CPU attention over a paged cache, so the torch path (attention.py) first gathers
-every request's whole context into one tensor and then multiplies it: the context is read twice
-and written once per layer, and bf16 batched matmuls over 1-4 queries are slow on CPUs without
+Decode attention (csrc/paged_decode.c). PyTorch has no CPU attention over a paged cache, so the
+torch path (attention.py) first gathers every request's whole context into one tensor and then
+multiplies it: the context is read twice and written once per layer, and bf16 batched matmuls over 1-4 queries are slow on CPUs without
 AMX. The kernel reads each K and V row in place, once, in float32 (more exact than the torch
 path's bf16 scores). SmolLM2 shapes, 30 layers of ~220-token contexts spread over a 1 GiB cache,
 2-core AMD EPYC (Zen 4) guest: 0.6-0.8 vs 4.2-7.2 ms per step at 1 request, 3.2-4.0 vs 7.7-10.5 at
 4, 24 vs 25-38 at 32, 45-51 vs 56-94 at 64.
 
 Layer steps (csrc/layer_ops.c): a bf16 decoder layer's RMSNorms, and its RoPE with the K/V cache
-write, each one pass. At one decode row a step is
-mostly small kernels: F.rms_norm alone is 8 of them, ~13.5 us a call against ~0.5 us for a ctypes
-call on the same 2-core guest.
+write, each one pass. At one decode row a step is mostly small kernels: F.rms_norm alone is 8 of
+them, ~13.5 us a call against ~0.5 us for a ctypes call on the same 2-core guest.
 
-Why a C file and ctypes, not a PyTorch C++ extension: it compiles in ~0.5 s with the system C
-compiler (torch's headers take ~40 s), needs no ninja, and the call releases the GIL. It links
+Why a C file and ctypes, not a PyTorch C++ extension: both files compile in ~0.8 s with the system
+C compiler (torch's headers take ~40 s), need no ninja, and a call releases the GIL. It links
 the OpenMP runtime torch already loaded (same soname), so it runs on the engine thread's OpenMP
 team like every torch kernel. Built with `-march=native` into `<cache dir>/kernels/`, keyed by the
 source, compiler and CPU; without a compiler, or with `LOOM_NATIVE_KERNELS=0`, the torch path

@@ -13,7 +13,8 @@ import loom.models.attention as attention
 from loom.models.attention import (
     SDPA_DECODE_MAX_REQUESTS,
     AttentionMetadata,
-    DecodeContext,
+    DecodeBlocks,
+    DecodeGather,
     _decode_attention,
     sdpa_wins_decode,
 )
@@ -56,18 +57,18 @@ def scenario(
     return kv_cache, q, torch.tensor(tables), lengths
 
 
-def torch_path_context(table: torch.Tensor, lengths: list[int], num_kv_heads: int, dtype: torch.dtype) -> DecodeContext:
+def torch_path_context(table: torch.Tensor, lengths: list[int], num_kv_heads: int, dtype: torch.dtype) -> DecodeGather:
     max_blocks = table.shape[1]
     gather = ((torch.arange(2 * num_kv_heads) * NUM_BLOCKS).unsqueeze(1) + table.reshape(1, -1)).reshape(-1)
     valid = torch.arange(max_blocks * BLOCK_SIZE).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
     mask = torch.zeros(len(lengths), 1, max_blocks * BLOCK_SIZE, dtype=dtype).masked_fill_(
         ~valid.unsqueeze(1), float("-inf")
     )
-    return DecodeContext(None, None, gather, mask)
+    return DecodeGather(gather, mask)
 
 
-def native_context(table: torch.Tensor, lengths: list[int]) -> DecodeContext:
-    return DecodeContext(table.to(torch.int32), torch.tensor(lengths, dtype=torch.int32), None, None)
+def native_context(table: torch.Tensor, lengths: list[int]) -> DecodeBlocks:
+    return DecodeBlocks(table.to(torch.int32), torch.tensor(lengths, dtype=torch.int32))
 
 
 def assert_each_attends_its_own(out, q, kv_cache, table, lengths, tolerance: float) -> None:  # noqa: ANN001
@@ -115,7 +116,7 @@ def test_the_native_kernel_reads_whole_and_partial_blocks_and_single_tokens() ->
     lengths = [1, BLOCK_SIZE, BLOCK_SIZE + 1, 3 * BLOCK_SIZE, 3 * BLOCK_SIZE - 1]
     kv_cache, q, table, lengths = scenario(len(lengths), torch.bfloat16, 7, lengths=lengths)
     ctx = native_context(table, lengths)
-    out = paged_decode(q, kv_cache, ctx.block_table, ctx.context_lens, BLOCK_SIZE)  # type: ignore[arg-type]
+    out = paged_decode(q, kv_cache, ctx.block_table, ctx.context_lens, BLOCK_SIZE)
     assert_each_attends_its_own(out, q, kv_cache, table, lengths, 1e-2)
 
 
@@ -126,10 +127,10 @@ def test_the_native_kernel_gives_a_request_the_same_bits_alone_or_batched() -> N
     fused[:, :NUM_HEADS] = q
     strided = fused[:, :NUM_HEADS]  # decode queries are a view of the fused projection
     ctx = native_context(table, lengths)
-    batched = paged_decode(strided, kv_cache, ctx.block_table, ctx.context_lens, BLOCK_SIZE)  # type: ignore[arg-type]
+    batched = paged_decode(strided, kv_cache, ctx.block_table, ctx.context_lens, BLOCK_SIZE)
     for i in range(12):
         alone = native_context(table[i : i + 1, : -(-lengths[i] // BLOCK_SIZE)], [lengths[i]])
-        one = paged_decode(q[i : i + 1], kv_cache, alone.block_table, alone.context_lens, BLOCK_SIZE)  # type: ignore[arg-type]
+        one = paged_decode(q[i : i + 1], kv_cache, alone.block_table, alone.context_lens, BLOCK_SIZE)
         assert torch.equal(one[0], batched[i])
 
 

@@ -25,7 +25,7 @@ from loom.engine.request import EngineRequest
 from loom.engine.runner import ModelRunner
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.scheduler import Scheduler, SchedulerConfig
-from loom.models.attention import AttentionMetadata, DecodeContext, PrefillSpan, zeroed_kv_cache
+from loom.models.attention import AttentionMetadata, DecodeBlocks, DecodeGather, PrefillSpan, zeroed_kv_cache
 from loom.models.config import ModelConfig
 from loom.models.gguf_blocks import Q4Groups
 from loom.models.llama import LlamaModel
@@ -111,10 +111,9 @@ def _served_logprobs(
         valid = torch.arange(blocks_per_req * BLOCK_SIZE).unsqueeze(0) <= pos.unsqueeze(1)
         mask = torch.zeros(num_reqs, 1, valid.shape[1], dtype=dtype).masked_fill_(~valid.unsqueeze(1), float("-inf"))
         step_slots = torch.stack([slots(r, pos[r]) for r in range(num_reqs)])
-        if native:
-            ctx = DecodeContext(table.to(torch.int32), (pos + 1).to(torch.int32), None, None)
-        else:
-            ctx = DecodeContext(None, None, gather, mask)
+        ctx: DecodeBlocks | DecodeGather = (
+            DecodeBlocks(table.to(torch.int32), (pos + 1).to(torch.int32)) if native else DecodeGather(gather, mask)
+        )
         meta = AttentionMetadata(step_slots, BLOCK_SIZE, num_reqs, ctx, ())
         logits = model(torch.tensor([t[step] for t in tokens]), pos, kv, meta, torch.arange(num_reqs))
         for r in range(num_reqs):

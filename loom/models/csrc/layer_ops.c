@@ -7,7 +7,6 @@
 
 #include "bf16.h"
 
-
 /* out = bf16(x * rsqrt(mean(x^2) + eps) * weight) per row of x [rows, dim]: F.rms_norm rounds once */
 void loom_rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t rows, int64_t dim,
                         float eps) {
@@ -36,7 +35,7 @@ void loom_rope_write_bf16(uint16_t *qkv, int64_t row_stride, const uint16_t *cos
         uint16_t *row = qkv + t * row_stride;
         for (int64_t h = 0; h < num_heads + num_kv_heads; h++) {
             uint16_t *x = row + h * head_dim;
-            float orig[512];
+            float orig[256]; /* head_dim <= 256 (native.py checks) */
             for (int64_t i = 0; i < head_dim; i++) orig[i] = bf16_to_f32(x[i]);
             for (int64_t i = 0; i < head_dim; i++) {
                 const float rolled = orig[(i + half) % head_dim];
