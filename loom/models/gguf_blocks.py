@@ -1,7 +1,8 @@
-"""GGUF's block formats decoded with torch: Q4_1 kept as 4-bit groups, Q8_0 / F16 / BF16 / F32 as floats.
+"""GGUF's block formats decoded with torch: Q4_1 and Q8_0 kept as their blocks, or floats.
 
-Owns the byte layout of ggml blocks and `Q4Groups`, the form in which 4-bit weights travel from the
-file to an int4 linear without being dequantized first. Values equal `gguf.quants.dequantize`'s
+Owns the byte layout of ggml blocks, `Q4Groups` and `Q8Blocks`: the forms in which 4-bit and
+8-bit weights travel from the file to the kernels that read them as they are (an int4 linear, the
+Q8_0 output head) without being dequantized first. Values equal `gguf.quants.dequantize`'s
 bit for bit (same float32 operations in the same order), only ~10x faster. Never reads files or
 names tensors (loader_gguf.py does).
 
@@ -65,11 +66,44 @@ def q4_1_groups(raw: np.ndarray, rows: int, cols: int) -> Q4Groups:
     return Q4Groups(codes.view(rows, cols), scales, offsets)
 
 
-def q8_0_values(raw: np.ndarray, rows: int, cols: int) -> torch.Tensor:  # [rows, cols] float32
+@dataclass(frozen=True, slots=True)
+class Q8Blocks:
+    """A `[rows, cols]` weight as int8 codes with one scale per 32 values of a row (value = code * scale)."""
+
+    codes: torch.Tensor  # [rows, cols] int8
+    scales: torch.Tensor  # [rows, cols // 32] float16 (Q8_0's d, as stored)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.codes.shape[0]), int(self.codes.shape[1])
+
+    def dequantize(self) -> torch.Tensor:  # [rows, cols] float32
+        rows, cols = self.shape
+        grouped = self.codes.view(rows, -1, GROUP_SIZE).float()
+        return (grouped * self.scales.float().unsqueeze(-1)).view(rows, cols)
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Q8Blocks:
+        return Q8Blocks(fn(self.codes), fn(self.scales))
+
+
+Blocks = Q4Groups | Q8Blocks
+
+
+def as_float(source: torch.Tensor | Blocks) -> torch.Tensor:
+    """A weight's values as floats: blocks dequantized, a tensor as it is."""
+    return source if isinstance(source, torch.Tensor) else source.dequantize()
+
+
+def q8_0_blocks(raw: np.ndarray, rows: int, cols: int) -> Q8Blocks:
+    """Decodes a Q8_0 tensor's bytes (`[rows, cols / 32 * 34]` uint8) without dequantizing."""
     blocks = _blocks(raw, rows * cols // GROUP_SIZE, _Q8_0_BYTES)
-    scales = blocks[:, 0:2].contiguous().view(torch.float16).float()  # [n_blocks, 1]
-    codes = blocks[:, 2:].contiguous().view(torch.int8).float()  # [n_blocks, 32]
-    return (codes * scales).view(rows, cols)
+    scales = blocks[:, 0:2].contiguous().view(torch.float16).view(rows, -1)
+    codes = blocks[:, 2:].contiguous().view(torch.int8).view(rows, cols)
+    return Q8Blocks(codes, scales)
+
+
+def q8_0_values(raw: np.ndarray, rows: int, cols: int) -> torch.Tensor:  # [rows, cols] float32
+    return q8_0_blocks(raw, rows, cols).dequantize()
 
 
 def float_values(raw: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

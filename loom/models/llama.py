@@ -24,6 +24,7 @@ from loom.models.linear import (
     linear_method,
     measure_small_batch_rows,
     use_float32_copies,
+    with_q8_blocks,
 )
 from loom.models.native import native_layer_ops_supported, rms_norm, rope_and_write
 from loom.models.prepared import LINEAR_NAMES, PreparedWeights
@@ -145,7 +146,8 @@ class LlamaModel(nn.Module):
 
         `max_small_batch_rows`: a step's decode rows take the small-batch kernels (a quantized
         method's own, or bf16 beside a float32 copy) when there are at most this many of them
-        (linear.py; None: measured on this model's linears now); prefill rows always take the large-batch kernels.
+        (linear.py; None: measured on this model's linears now, the output head's apart); prefill
+        rows always take the large-batch kernels.
         """
         super().__init__()
         self.config = cfg
@@ -158,10 +160,12 @@ class LlamaModel(nn.Module):
         self.norm = init.vector("norm", cfg.hidden_size)
         self.lm_head = self._head(cfg, weights, dtype, isinstance(init, _FromPrepared) and init.float32_copy)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, dtype)
-        if max_small_batch_rows is None:
-            switches = [m for m in self.modules() if isinstance(m, RowSwitchLinear)]
-            max_small_batch_rows = measure_small_batch_rows(switches, dtype) if switches else 0
-        self.max_small_batch_rows = max_small_batch_rows
+        self.max_small_batch_rows = self.max_small_batch_head_rows = max_small_batch_rows or 0
+        if max_small_batch_rows is None:  # the head apart: its kernels and crossover differ from the layers'
+            switches = [m for m in self.layers.modules() if isinstance(m, RowSwitchLinear)]
+            self.max_small_batch_rows = measure_small_batch_rows(switches, dtype) if switches else 0
+            head_switch = [self.lm_head] if isinstance(self.lm_head, RowSwitchLinear) else []
+            self.max_small_batch_head_rows = measure_small_batch_rows(head_switch, dtype) if head_switch else 0
         for probe in (sdpa_wins_decode, sdpa_wins_prefill):  # timed now, not in the step loop
             probe(dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.native_ops = native_layer_ops_supported(self.norm.dtype, self.norm.device, cfg.head_dim)
@@ -172,9 +176,12 @@ class LlamaModel(nn.Module):
         if weights is None:
             return nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         tensors = weights.linear("lm_head")
+        q8 = {key: tensors.pop(key) for key in ("q8_codes", "q8_scales") if key in tensors}
         if not tensors:  # tied, and the dense head would equal the embedding: share it
-            return dense_module(self.embed_tokens.weight, float32_copy)
-        return linear_method(weights.head_quantization).build(tensors, dtype, float32_copy)
+            head = dense_module(self.embed_tokens.weight, float32_copy)
+        else:
+            head = linear_method(weights.head_quantization).build(tensors, dtype, float32_copy)
+        return with_q8_blocks(head, q8, dtype)
 
     @torch.inference_mode()
     def forward(
@@ -193,5 +200,6 @@ class LlamaModel(nn.Module):
         hidden = hidden.index_select(0, logits_indices)
         hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.config.rms_norm_eps)
         # the runner lists decode tokens' logits rows first, so they are the leading rows here too
-        head_nq = int((logits_indices < nq).sum()) if nq else 0
+        num_decode = meta.num_decode_tokens
+        head_nq = int((logits_indices < num_decode).sum()) if num_decode <= self.max_small_batch_head_rows else 0
         return apply_linear(self.lm_head, hidden, head_nq).float()

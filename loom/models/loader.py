@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from loom.models.config import ModelConfig
-from loom.models.gguf_blocks import Q4Groups
+from loom.models.gguf_blocks import Blocks
 from loom.models.loader_gguf import load_gguf, read_gguf
 from loom.models.loader_hf import load_hf_folder
 
@@ -52,15 +52,16 @@ def load_sources(
     path: str | Path,
     dtype: torch.dtype,
     progress: Callable[[int, int], None] | None = None,
-    keep_q4_1: bool = False,
-) -> tuple[ModelConfig, dict[str, torch.Tensor | Q4Groups]]:
-    """As `load_weights`, but a GGUF file's tensors stay float32 and, with `keep_q4_1`, Q4_1 ones stay 4-bit."""
+    keep_blocks: bool = False,
+) -> tuple[ModelConfig, dict[str, torch.Tensor | Blocks]]:
+    """As `load_weights`, but a GGUF file's tensors stay float32 and, with `keep_blocks`, Q4_1 and Q8_0
+    matrices stay as their blocks."""
     model_path = _existing_model_path(path, dtype)
     if model_path.is_dir():
         config, hf_tensors = load_hf_folder(model_path, dtype, progress)
-        sources: dict[str, torch.Tensor | Q4Groups] = dict(hf_tensors)
+        sources: dict[str, torch.Tensor | Blocks] = dict(hf_tensors)
     else:
-        config, sources = read_gguf(model_path, progress, keep_q4_1)
+        config, sources = read_gguf(model_path, progress, keep_blocks)
     check_llama_tensors(config, sources)
     return config, sources
 
@@ -105,7 +106,7 @@ def llama_tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_llama_tensors(config: ModelConfig, tensors: Mapping[str, torch.Tensor | Q4Groups]) -> None:
+def check_llama_tensors(config: ModelConfig, tensors: Mapping[str, torch.Tensor | Blocks]) -> None:
     """Raises ValueError unless `tensors` is exactly the set `llama_tensor_shapes` names."""
     expected = llama_tensor_shapes(config)
     missing = sorted(expected.keys() - tensors.keys())

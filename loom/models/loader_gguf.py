@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # gguf costs ~0.15 s to import; a start from the weight cache
     from gguf import GGUFReader, ReaderTensor
 
 from loom.models.config import ModelConfig
-from loom.models.gguf_blocks import Q4Groups, float_values, q4_1_groups, q8_0_values
+from loom.models.gguf_blocks import Blocks, as_float, float_values, q4_1_groups, q8_0_blocks
 
 SUPPORTED_ARCHITECTURES = frozenset({"llama"})
 
@@ -45,23 +45,23 @@ def load_gguf(
     path: Path, dtype: torch.dtype, progress: Callable[[int, int], None] | None = None
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Dequantizes every tensor of a GGUF file to `dtype`, named and laid out as in HF Llama."""
-    config, sources = read_gguf(path, progress, keep_q4_1=False)
-    return config, {name: _as_float(source).to(dtype) for name, source in sources.items()}
+    config, sources = read_gguf(path, progress, keep_blocks=False)
+    return config, {name: as_float(source).to(dtype) for name, source in sources.items()}
 
 
 def read_gguf(
-    path: Path, progress: Callable[[int, int], None] | None = None, keep_q4_1: bool = False
-) -> tuple[ModelConfig, dict[str, torch.Tensor | Q4Groups]]:
-    """Every tensor by HF name in HF layout: float32, or with `keep_q4_1` Q4_1 tensors as their 4-bit groups."""
+    path: Path, progress: Callable[[int, int], None] | None = None, keep_blocks: bool = False
+) -> tuple[ModelConfig, dict[str, torch.Tensor | Blocks]]:
+    """Every tensor by HF name in HF layout: float32, or with `keep_blocks` Q4_1 and Q8_0 matrices as their blocks."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
     config = read_gguf_config(reader)
     # Map every name before decoding anything, so an unsupported file fails in milliseconds.
     named = [(gguf_to_hf_name(t.name), t) for t in reader.tensors]
-    sources: dict[str, torch.Tensor | Q4Groups] = {}
+    sources: dict[str, torch.Tensor | Blocks] = {}
     for done, (hf_name, gguf_tensor) in enumerate(named, start=1):
-        source = _decode(gguf_tensor, keep_q4_1)
+        source = _decode(gguf_tensor, keep_blocks)
         if hf_name.endswith("self_attn.q_proj.weight"):
             source = _unpermute(source, config.num_heads)
         elif hf_name.endswith("self_attn.k_proj.weight"):
@@ -125,18 +125,14 @@ def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return per_pair.transpose(1, 2).reshape(weight.shape)
 
 
-def _unpermute(source: torch.Tensor | Q4Groups, num_heads: int) -> torch.Tensor | Q4Groups:
-    if isinstance(source, Q4Groups):
-        return source.map_rows(lambda t: unpermute_rope_rows(t, num_heads))
-    return unpermute_rope_rows(source, num_heads)
+def _unpermute(source: torch.Tensor | Blocks, num_heads: int) -> torch.Tensor | Blocks:
+    if isinstance(source, torch.Tensor):
+        return unpermute_rope_rows(source, num_heads)
+    return source.map_rows(lambda t: unpermute_rope_rows(t, num_heads))
 
 
-def _as_float(source: torch.Tensor | Q4Groups) -> torch.Tensor:
-    return source.dequantize() if isinstance(source, Q4Groups) else source
-
-
-def _decode(tensor: ReaderTensor, keep_q4_1: bool) -> torch.Tensor | Q4Groups:
-    """Float32 values (or Q4_1 groups) in torch order ([rows, cols]: GGUF lists dims innermost first)."""
+def _decode(tensor: ReaderTensor, keep_blocks: bool) -> torch.Tensor | Blocks:
+    """Float32 values (or Q4_1 / Q8_0 blocks) in torch order ([rows, cols]: GGUF lists dims innermost first)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -151,9 +147,10 @@ def _decode(tensor: ReaderTensor, keep_q4_1: bool) -> torch.Tensor | Q4Groups:
         return float_values(tensor.data, dims, float_types[kind])
     if kind == GGMLQuantizationType.Q4_1 and len(dims) == 2:
         groups = q4_1_groups(tensor.data, *dims)
-        return groups if keep_q4_1 else groups.dequantize()
+        return groups if keep_blocks else groups.dequantize()
     if kind == GGMLQuantizationType.Q8_0 and len(dims) == 2:
-        return q8_0_values(tensor.data, *dims)
+        blocks = q8_0_blocks(tensor.data, *dims)
+        return blocks if keep_blocks else blocks.dequantize()
     try:
         values = dequantize(tensor.data, kind)
     except NotImplementedError as exc:

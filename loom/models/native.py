@@ -12,6 +12,9 @@ Layer steps (csrc/layer_ops.c): a bf16 decoder layer's RMSNorms, and its RoPE wi
 write, each one pass. At one decode row a step is mostly small kernels: F.rms_norm alone is 8 of
 them, ~13.5 us a call against ~0.5 us for a ctypes call on the same 2-core guest.
 
+Q8_0 matmul (csrc/q8_matmul.c): a GGUF output head stored as Q8_0 blocks, multiplied as stored
+for a few rows (linear.Q8Linear): half the bytes of its bf16 copy.
+
 Why a C file and ctypes, not a PyTorch C++ extension: both files compile in ~0.8 s with the system
 C compiler (torch's headers take ~40 s), need no ninja, and a call releases the GIL. It links
 the OpenMP runtime torch already loaded (same soname), so it runs on the engine thread's OpenMP
@@ -39,7 +42,7 @@ from loom.models.timing import cache_dir, cpu_fingerprint
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "paged_decode.c", CSRC / "layer_ops.c")
+SOURCES = (CSRC / "paged_decode.c", CSRC / "layer_ops.c", CSRC / "q8_matmul.c")
 HEADERS = (CSRC / "bf16.h",)
 FLAGS = (
     "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared",
@@ -48,6 +51,7 @@ FLAGS = (
     "-fno-math-errno", "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros", "-freciprocal-math",
 )  # fmt: skip
 MAX_HEAD_DIM, MAX_GROUP, MAX_BLOCK_SIZE = 256, 16, 64  # the kernel's stack buffers (csrc/paged_decode.c)
+Q8_MAX_ROWS = 16  # activation rows per q8_0_matmul call (csrc/q8_matmul.c)
 BUILD_TIMEOUT_S = 120
 
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
@@ -67,6 +71,28 @@ def native_decode_supported(
 def native_layer_ops_supported(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
     """Whether `rms_norm` and `rope_and_write` run here for this model."""
     return dtype == torch.bfloat16 and device.type == "cpu" and head_dim <= MAX_HEAD_DIM and _library() is not None
+
+
+def native_q8_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `q8_0_matmul` runs here for a model in `dtype`."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and _library() is not None
+
+
+def q8_0_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`x` `[rows, in]` bf16 (rows <= Q8_MAX_ROWS) times a Q8_0 weight (codes `[out, in]` int8,
+    scales `[out, in / 32]` float16) transposed: `[rows, out]` float32."""
+    lib = _library()
+    assert lib is not None and codes.is_contiguous() and scales.is_contiguous()
+    if x.dtype != torch.bfloat16 or x.stride(-1) != 1:
+        raise ValueError("q8_0_matmul takes bf16 rows with contiguous values")
+    out = torch.empty(x.shape[0], codes.shape[0], dtype=torch.float32)
+    status = lib.loom_q8_0_matmul(
+        x.data_ptr(), x.stride(0), x.shape[0], codes.data_ptr(), scales.data_ptr(), codes.shape[0], codes.shape[1],
+        out.data_ptr(),
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"q8_0 kernel refused {x.shape[0]} rows of {codes.shape[1]} (status {status})")
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -144,6 +170,8 @@ def _library() -> ctypes.CDLL | None:
     lib.loom_rms_norm_bf16.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _F32]
     lib.loom_rope_write_bf16.restype = None
     lib.loom_rope_write_bf16.argtypes = [_PTR, _I64, _PTR, _PTR] + [_I64] * 4 + [_PTR, _I64, _PTR]
+    lib.loom_q8_0_matmul.restype = ctypes.c_int
+    lib.loom_q8_0_matmul.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
     return lib
 
 

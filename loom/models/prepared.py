@@ -8,6 +8,8 @@ is built from, so nothing is initialized, copied or swapped after loading. Never
 Names: `embed_tokens`, `norm`, `layers.{i}.input_norm`, `layers.{i}.post_attn_norm`, and per linear
 (`layers.{i}.qkv_proj|o_proj|gate_up_proj|down_proj`, `lm_head`) its method's tensors, e.g.
 `layers.0.qkv_proj.qweight`. A tied head whose dense weight would equal the embedding stores none.
+A dense head whose source is Q8_0 blocks also keeps them (`lm_head.q8_codes`, `lm_head.q8_scales`)
+for its small-batch kernel (`linear.with_q8_blocks`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from loom.models.config import ModelConfig
-from loom.models.gguf_blocks import Q4Groups
+from loom.models.gguf_blocks import Q4Groups, Q8Blocks, as_float
 from loom.models.linear import WeightSource, dense_dtype, head_quantization, linear_method
 
 _FUSED = {
@@ -49,13 +51,14 @@ def prepare_llama_weights(
     """Consumes `sources` (HF names, as `check_llama_tensors` accepts them) into prepared tensors."""
     method, head = linear_method(quantization), linear_method(head_quantization(quantization))
     tensors: dict[str, torch.Tensor] = {}
-    embed = _float(sources.pop("model.embed_tokens.weight"))
+    embed_source = sources.pop("model.embed_tokens.weight")
+    embed = as_float(embed_source)
     tensors["embed_tokens"] = embed.to(dtype)
-    tensors["norm"] = _float(sources.pop("model.norm.weight")).to(dtype)
+    tensors["norm"] = as_float(sources.pop("model.norm.weight")).to(dtype)
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
         for name, hf_name in _NORMS.items():
-            tensors[f"layers.{i}.{name}"] = _float(sources.pop(p + hf_name + ".weight")).to(dtype)
+            tensors[f"layers.{i}.{name}"] = as_float(sources.pop(p + hf_name + ".weight")).to(dtype)
         for name, parts in _FUSED.items():
             fused = _cat_rows([sources.pop(p + part + ".weight") for part in parts])
             for key, t in method.prepare(fused, dtype).items():
@@ -65,6 +68,9 @@ def prepare_llama_weights(
     if not (tied and head.name == "none" and dense_dtype(dtype) == dtype):
         for key, t in head.prepare(embed if tied or head_source is None else head_source, dtype).items():
             tensors[f"lm_head.{key}"] = t
+    blocks = embed_source if tied or head_source is None else head_source
+    if isinstance(blocks, Q8Blocks) and head.name == "none":
+        tensors["lm_head.q8_codes"], tensors["lm_head.q8_scales"] = blocks.codes, blocks.scales
     return PreparedWeights(config, method.name, head.name, tensors)
 
 
@@ -73,8 +79,4 @@ def _cat_rows(parts: list[WeightSource]) -> WeightSource:
         return parts[0]
     if all(isinstance(p, Q4Groups) for p in parts):
         return Q4Groups.cat_rows([p for p in parts if isinstance(p, Q4Groups)])
-    return torch.cat([_float(p) for p in parts])
-
-
-def _float(source: WeightSource) -> torch.Tensor:
-    return source.dequantize() if isinstance(source, Q4Groups) else source
+    return torch.cat([as_float(p) for p in parts])

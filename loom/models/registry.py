@@ -58,7 +58,7 @@ def load_prepared(
             if progress is not None:
                 progress(len(cached.tensors), len(cached.tensors))
             return cached
-    config, sources = load_sources(path, dtype, progress, keep_q4_1=quantization in ("auto", "int4"))
+    config, sources = load_sources(path, dtype, progress, keep_blocks=quantization in ("auto", "int4"))
     weights_are_q4 = all(isinstance(t, Q4Groups) for name, t in sources.items() if name.endswith("_proj.weight"))
     resolved = resolve_quantization(quantization, dtype, weights_are_q4)
     weights = prepare_llama_weights(config, sources, resolved, dtype)

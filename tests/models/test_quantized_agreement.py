@@ -27,11 +27,12 @@ from loom.engine.sampling_params import SamplingParams
 from loom.engine.scheduler import Scheduler, SchedulerConfig
 from loom.models.attention import AttentionMetadata, DecodeBlocks, DecodeGather, PrefillSpan, zeroed_kv_cache
 from loom.models.config import ModelConfig
-from loom.models.gguf_blocks import Q4Groups
+from loom.models.gguf_blocks import Blocks
+from loom.models.linear import Q8Linear, RowSwitchLinear
 from loom.models.llama import LlamaModel
 from loom.models.loader import load_sources
-from loom.models.native import native_decode_supported
-from loom.models.prepared import prepare_llama_weights
+from loom.models.native import native_decode_supported, native_q8_supported
+from loom.models.prepared import PreparedWeights, prepare_llama_weights
 from loom.tokenizer import load_tokenizer
 
 NUM_NEW_TOKENS = 64
@@ -44,7 +45,7 @@ PROMPTS = [
     "Tell me a story about a dragon who loves tea.",
 ]
 
-Sources = tuple[ModelConfig, dict[str, torch.Tensor | Q4Groups]]
+Sources = tuple[ModelConfig, dict[str, torch.Tensor | Blocks]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,7 @@ def prompts(model_path: Path) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def sources(model_path: Path) -> Sources:
-    return load_sources(model_path, torch.float32, keep_q4_1=True)
+    return load_sources(model_path, torch.float32, keep_blocks=True)
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +205,25 @@ def test_native_decode_attention_scores_as_well_as_the_torch_path(
     # 0.0010 against 0.0010-0.0011; the KL bound is the steadier measure
     assert native.top1 >= torch_path.top1 - 0.03, report
     assert native.kl <= 1.2 * torch_path.kl, report
+
+
+@pytest.mark.skipif(not native_q8_supported(torch.bfloat16, torch.device("cpu")), reason="no C compiler")
+def test_the_q8_0_head_scores_as_well_as_its_bf16_copy(
+    sources: Sources, prompts: list[list[int]], reference: tuple[list[list[int]], list[torch.Tensor]]
+) -> None:
+    """The served default's head for few decode rows (the file's Q8_0 values, float32 sums)
+    against its bf16 copy (what many rows take): at least as close to the float32 model."""
+    config, tensors = sources
+    weights = prepare_llama_weights(config, dict(tensors), "int4", torch.bfloat16)
+    q8 = LlamaModel(config, torch.bfloat16, weights, max_small_batch_rows=len(prompts))
+    assert isinstance(q8.lm_head, RowSwitchLinear) and isinstance(q8.lm_head.small, Q8Linear)
+    dense_tensors = {k: t for k, t in weights.tensors.items() if not k.startswith("lm_head.q8_")}
+    dense_weights = PreparedWeights(config, weights.quantization, weights.head_quantization, dense_tensors)
+    dense = LlamaModel(config, torch.bfloat16, dense_weights, max_small_batch_rows=len(prompts))
+    assert not isinstance(dense.lm_head, RowSwitchLinear)
+    q8_score = _score(q8, torch.bfloat16, prompts, reference)
+    dense_score = _score(dense, torch.bfloat16, prompts, reference)
+    report = f"bf16 head: {dense_score}; q8_0 head: {q8_score}"
+    print(report)
+    assert q8_score.top1 >= dense_score.top1 - 0.02, report
+    assert q8_score.kl <= 1.05 * dense_score.kl, report

@@ -99,6 +99,10 @@ def test_auto_on_q4_1_weights_builds_int4_layers_and_a_dense_head(gguf: Path, tm
     cached = load_cached(tmp_path, cache_key(gguf, torch.bfloat16, "auto"))
     assert cached is not None and (cached.quantization, cached.head_quantization) == ("int4", "none")
     assert cached.config == CONFIG
+    # the tied head keeps the file's Q8_0 blocks for its small-batch kernel, cached as they are
+    for key in ("lm_head.q8_codes", "lm_head.q8_scales"):
+        assert torch.equal(cached.tensors[key], weights.tensors[key])
+    assert cached.tensors["lm_head.q8_codes"].dtype == torch.int8
 
 
 def test_a_rewritten_file_is_never_served_from_the_old_entry(gguf: Path, tmp_path: Path) -> None:

@@ -1,0 +1,106 @@
+/* y = x @ W.T for a weight in ggml's Q8_0 form (int8 codes, one fp16 scale per 32 values of a row)
+   and a few bf16 activation rows, in float32: the output head of a GGUF file read as the file
+   stores it, at half the bytes of a bf16 copy (loom/models/native.py says where it pays).
+
+   Each weight value is code * scale in float32 (exact: an 8-bit code times an 11-bit mantissa),
+   multiplied by the activation in float32 and summed in float32; a row's result does not depend
+   on the other rows. codes: [n, k] int8; scales: [n, k / 32] fp16 bits; x: [rows, k] bf16 with
+   row stride x_stride; out: [rows, n] float32. k % 32 == 0 and rows <= Q8_MAX_ROWS (native.py). */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#define Q8_MAX_ROWS 16
+#define Q8_TILE 4 /* activation rows sharing one pass over a weight row's blocks */
+
+static inline float half_to_f32(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    uint32_t u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        u = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        u = sign;
+    } else { /* subnormal half: normalize */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400));
+        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+#endif
+}
+
+/* One weight row against up to Q8_TILE activation rows (xf: float32, row stride k). */
+static inline __attribute__((always_inline)) void q8_row(const int8_t *w, const uint16_t *s, int64_t k, const float *xf, int64_t tile, float *sums) {
+#ifdef __AVX512F__
+    __m512 acc[Q8_TILE];
+    for (int64_t r = 0; r < tile; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < k / 32; b++) {
+        const __m512 d = _mm512_set1_ps(half_to_f32(s[b]));
+        const __m128i raw0 = _mm_loadu_si128((const __m128i *)(w + 32 * b));
+        const __m128i raw1 = _mm_loadu_si128((const __m128i *)(w + 32 * b + 16));
+        const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw0)), d);
+        const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw1)), d);
+        for (int64_t r = 0; r < tile; r++) {
+            const float *x = xf + r * k + 32 * b;
+            acc[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), acc[r]);
+            acc[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), acc[r]);
+        }
+    }
+    for (int64_t r = 0; r < tile; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
+#else
+    float acc[Q8_TILE][32];
+    for (int64_t r = 0; r < tile; r++) memset(acc[r], 0, sizeof acc[r]);
+    for (int64_t b = 0; b < k / 32; b++) {
+        const float d = half_to_f32(s[b]);
+        float wv[32];
+        for (int j = 0; j < 32; j++) wv[j] = (float)w[32 * b + j] * d;
+        for (int64_t r = 0; r < tile; r++)
+            for (int j = 0; j < 32; j++) acc[r][j] += wv[j] * xf[r * k + 32 * b + j];
+    }
+    for (int64_t r = 0; r < tile; r++) {
+        float total = 0.f;
+        for (int j = 0; j < 32; j++) total += acc[r][j];
+        sums[r] = total;
+    }
+#endif
+}
+
+int loom_q8_0_matmul(const uint16_t *x, int64_t x_stride, int64_t rows, const int8_t *codes, const uint16_t *scales,
+                     int64_t n, int64_t k, float *out) {
+    if (rows < 1 || rows > Q8_MAX_ROWS || k % 32) return 1;
+    float *xf = aligned_alloc(64, (size_t)(rows * k * 4 + 63) / 64 * 64);
+    if (xf == NULL) return 2;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < k; i++) xf[r * k + i] = bf16_to_f32(x[r * x_stride + i]);
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < n; o++) {
+        const int8_t *w = codes + o * k;
+        const uint16_t *s = scales + o * (k / 32);
+        for (int64_t r0 = 0; r0 < rows; r0 += Q8_TILE) {
+            const int64_t tile = rows - r0 < Q8_TILE ? rows - r0 : Q8_TILE;
+            float sums[Q8_TILE];
+            switch (tile) { /* a constant tile keeps the accumulators in registers */
+            case 1: q8_row(w, s, k, xf + r0 * k, 1, sums); break;
+            case 2: q8_row(w, s, k, xf + r0 * k, 2, sums); break;
+            case 3: q8_row(w, s, k, xf + r0 * k, 3, sums); break;
+            default: q8_row(w, s, k, xf + r0 * k, Q8_TILE, sums); break;
+            }
+            for (int64_t r = 0; r < tile; r++) out[(r0 + r) * n + o] = sums[r];
+        }
+    }
+    free(xf);
+    return 0;
+}

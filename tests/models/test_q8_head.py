@@ -1,0 +1,66 @@
+"""An output head stored as Q8_0 blocks multiplies few rows by the file's own values (native
+kernel, float32) and many rows by their bf16 rounding; each row's result is its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loom.models.gguf_blocks import Q8Blocks
+from loom.models.linear import Q8Linear, RowSwitchLinear, dense_module, with_q8_blocks
+from loom.models.native import Q8_MAX_ROWS, native_q8_supported, q8_0_matmul
+
+pytestmark = pytest.mark.skipif(not native_q8_supported(torch.bfloat16, torch.device("cpu")), reason="no C compiler")
+
+
+def _blocks(rows: int, cols: int, seed: int) -> Q8Blocks:
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-128, 128, (rows, cols), generator=gen, dtype=torch.int8)
+    scales = (torch.rand(rows, cols // 32, generator=gen) * 0.02 + 1e-4).half()
+    scales[0, 0] = 6e-8  # a subnormal half
+    return Q8Blocks(codes, scales)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(1, 576), (3, 64), (5, 32), (16, 1536)])
+def test_the_kernel_multiplies_by_the_files_values_in_float32(rows: int, cols: int) -> None:
+    blocks = _blocks(301, cols, rows)
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    got = q8_0_matmul(x, blocks.codes, blocks.scales)
+    expected = x.double() @ blocks.dequantize().double().t()
+    assert got.dtype == torch.float32 and got.shape == (rows, 301)
+    scale = (x.double().abs() @ blocks.dequantize().double().abs().t()).clamp(min=1e-30)
+    assert float(((got.double() - expected).abs() / scale).max()) < 1e-6
+
+
+def test_a_rows_result_does_not_depend_on_the_other_rows() -> None:
+    blocks = _blocks(257, 576, 3)
+    x = torch.randn(Q8_MAX_ROWS, 576, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    together = q8_0_matmul(x, blocks.codes, blocks.scales)
+    for r in (0, 5, Q8_MAX_ROWS - 1):
+        assert torch.equal(q8_0_matmul(x[r : r + 1], blocks.codes, blocks.scales)[0], together[r])
+
+
+def test_the_kernel_refuses_what_it_cannot_run() -> None:
+    blocks = _blocks(8, 64, 0)
+    with pytest.raises(ValueError, match="refused"):
+        q8_0_matmul(torch.zeros(Q8_MAX_ROWS + 1, 64, dtype=torch.bfloat16), blocks.codes, blocks.scales)
+    with pytest.raises(ValueError, match="bf16"):
+        q8_0_matmul(torch.zeros(1, 64), blocks.codes, blocks.scales)
+
+
+def test_the_head_takes_the_kernel_for_leading_rows_and_the_dense_copy_for_the_rest() -> None:
+    blocks = _blocks(1000, 64, 4)
+    head = with_q8_blocks(
+        dense_module(blocks.dequantize().to(torch.bfloat16)),
+        {"q8_codes": blocks.codes, "q8_scales": blocks.scales},
+        torch.bfloat16,
+    )
+    assert isinstance(head, RowSwitchLinear) and isinstance(head.small, Q8Linear)
+    x = torch.randn(20, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    mixed = head(x, 18)  # more leading rows than one kernel call takes
+    assert torch.equal(mixed[:18], torch.cat([q8_0_matmul(x[:16], blocks.codes, blocks.scales),
+                                              q8_0_matmul(x[16:18], blocks.codes, blocks.scales)]))  # fmt: skip
+    assert torch.equal(mixed[18:], head.large(x[18:]).float())
+    # a float32 model has no native kernel for it: the dense head alone
+    dense = dense_module(blocks.dequantize())
+    assert with_q8_blocks(dense, {"q8_codes": blocks.codes, "q8_scales": blocks.scales}, torch.float32) is dense
