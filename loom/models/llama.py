@@ -102,6 +102,16 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = init.linear(prefix + "gate_up_proj", cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = init.linear(prefix + "down_proj", cfg.intermediate_size, cfg.hidden_size)
         self.intermediate_size = cfg.intermediate_size
+        # the step's modules and norms as one plain attribute: each is otherwise found through
+        # nn.Module.__getattr__ (~0.7 us, six times a layer, 30 layers a decode step)
+        self._parts = (
+            self.qkv_proj,
+            self.o_proj,
+            self.gate_up_proj,
+            self.down_proj,
+            self.input_norm,
+            self.post_attn_norm,
+        )
 
     def forward(
         self,
@@ -114,8 +124,9 @@ class DecoderLayer(nn.Module):
         native: bool = False,  # the norms, RoPE and the cache write in native kernels (native.py)
     ) -> torch.Tensor:
         num_tokens, nq = hidden.shape[0], num_small_rows
-        x = self._norm(hidden, self.input_norm, native)
-        qkv = apply_linear(self.qkv_proj, x, nq).view(num_tokens, -1, self.head_dim)  # [T, heads + 2*kv_heads, hd]
+        qkv_proj, o_proj, gate_up_proj, down_proj, input_norm, post_attn_norm = self._parts
+        x = self._norm(hidden, input_norm, native)
+        qkv = apply_linear(qkv_proj, x, nq).view(num_tokens, -1, self.head_dim)  # [T, heads + 2*kv_heads, hd]
         q, kv_new = qkv[:, : self.num_heads], qkv[:, self.num_heads :]
         if native:  # this step's K and V are in the cache afterwards
             rope_and_write(qkv, *cos_sin, self.num_heads, kv_cache, meta.slot_mapping)
@@ -123,10 +134,10 @@ class DecoderLayer(nn.Module):
         else:  # q and k share one RoPE call: they are the leading heads of the fused projection
             rope.apply_(qkv[:, : self.num_heads + self.num_kv_heads], *cos_sin)
             attn = paged_attention(q, kv_new, kv_cache, meta)
-        hidden = hidden + apply_linear(self.o_proj, attn.reshape(num_tokens, -1), nq)
-        x = self._norm(hidden, self.post_attn_norm, native)
-        gate, up = apply_linear(self.gate_up_proj, x, nq).split(self.intermediate_size, dim=-1)
-        return hidden + apply_linear(self.down_proj, F.silu(gate) * up, nq)
+        hidden = hidden + apply_linear(o_proj, attn.reshape(num_tokens, -1), nq)
+        x = self._norm(hidden, post_attn_norm, native)
+        gate, up = apply_linear(gate_up_proj, x, nq).split(self.intermediate_size, dim=-1)
+        return hidden + apply_linear(down_proj, F.silu(gate) * up, nq)
 
     def _norm(self, hidden: torch.Tensor, weight: torch.Tensor, native: bool) -> torch.Tensor:
         return (
