@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.models.gguf_blocks import GROUP_SIZE, Blocks, Q4Groups, as_float
-from loom.models.native import Q8_MAX_ROWS, native_q8_supported, q8_0_matmul
+from loom.models.native import INT4_TILE_ROWS, Q8_MAX_ROWS, int4_tiles, native_q8_supported, q8_0_matmul
 from loom.models.packed_linear import PackedLinear, can_pack, float32_wins_large_batches, has_native_bf16
 from loom.models.timing import best_times, measured
 
@@ -176,8 +176,13 @@ class Int4Linear(nn.Module):
     qweight: torch.Tensor
     scales_zeros: torch.Tensor
 
-    def __init__(self, qweight: torch.Tensor, scales_zeros: torch.Tensor) -> None:
+    def __init__(
+        self, qweight: torch.Tensor, scales_zeros: torch.Tensor, tiles: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """`tiles`: the same weight in the native kernel's layout (`native.int4_tiles`), which
+        `LlamaModel`'s fused decode layers read."""
         super().__init__()
+        self.tiles = None if tiles is None else tuple(_own_memory(tiles[k]) for k in ("tcodes", "tscales", "tzeros"))
         self.register_buffer(
             "qweight", _own_memory(qweight), persistent=False
         )  # [out, in / 2] uint8, the op's packed layout
@@ -294,10 +299,14 @@ class Int4Method:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(groups.codes.to(torch.int32), 1)
         centred = groups.codes.view(rows, -1, GROUP_SIZE).float() - 8
         dense = (centred * scales.float().unsqueeze(-1) + zeros.float().unsqueeze(-1)).view(rows, cols)
-        return {"qweight": packed, "scales_zeros": scales_zeros, "weight": dense.to(dense_dtype(dtype))}
+        prepared = {"qweight": packed, "scales_zeros": scales_zeros, "weight": dense.to(dense_dtype(dtype))}
+        if rows % INT4_TILE_ROWS == 0 and scales.dtype == torch.bfloat16:  # what the native kernel reads
+            prepared |= int4_tiles(groups.codes, scales.contiguous(), zeros.contiguous())
+        return prepared
 
     def build(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, float32_copy: bool = False) -> nn.Module:
-        quantized = Int4Linear(tensors["qweight"], tensors["scales_zeros"])
+        tiles = {k: tensors[k] for k in ("tcodes", "tscales", "tzeros")} if "tcodes" in tensors else None
+        quantized = Int4Linear(tensors["qweight"], tensors["scales_zeros"], tiles)
         return RowSwitchLinear(quantized, large_batch_module(tensors["weight"], float32_copy))
 
 

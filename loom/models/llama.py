@@ -15,9 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.models.attention import AttentionMetadata, paged_attention, sdpa_wins_decode, sdpa_wins_prefill
+from loom.models.attention import (
+    AttentionMetadata,
+    DecodeBlocks,
+    paged_attention,
+    sdpa_wins_decode,
+    sdpa_wins_prefill,
+)
 from loom.models.config import ModelConfig
 from loom.models.linear import (
+    Int4Linear,
     RowSwitchLinear,
     apply_linear,
     dense_module,
@@ -26,7 +33,14 @@ from loom.models.linear import (
     use_float32_copies,
     with_q8_blocks,
 )
-from loom.models.native import native_layer_ops_supported, rms_norm, rope_and_write
+from loom.models.native import (
+    INT4_MAX_ROWS,
+    LAYER_FIELDS,
+    decode_layers,
+    native_layer_ops_supported,
+    rms_norm,
+    rope_and_write,
+)
 from loom.models.prepared import LINEAR_NAMES, PreparedWeights
 
 
@@ -180,6 +194,48 @@ class LlamaModel(nn.Module):
         for probe in (sdpa_wins_decode, sdpa_wins_prefill):  # timed now, not in the step loop
             probe(dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.native_ops = native_layer_ops_supported(self.norm.dtype, self.norm.device, cfg.head_dim)
+        self._layer_table = self._fused_layer_table() if self.native_ops else None
+        self._table_caches: tuple[int, ...] = ()  # the KV caches whose addresses the table holds
+
+    def _fused_layer_table(self) -> torch.Tensor | None:
+        """Each layer's norms, int4 tiles and (filled per call) KV cache, as `decode_layers` reads
+        them; None unless every decoder linear has an int4 small-batch kernel with tiles."""
+        rows = []
+        for layer in self.layers:
+            row = [layer.input_norm.data_ptr(), layer.post_attn_norm.data_ptr()]
+            for lin in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+                small = lin.small if isinstance(lin, RowSwitchLinear) else None
+                if not isinstance(small, Int4Linear) or small.tiles is None:
+                    return None
+                row += [t.data_ptr() for t in small.tiles]
+            rows.append(row + [0])
+        assert len(rows[0]) == LAYER_FIELDS
+        return torch.tensor(rows, dtype=torch.int64)
+
+    def _fused_decode(
+        self,
+        hidden: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> bool:
+        """Runs every layer in one native call (`native.decode_layers`) when this step is decode
+        rows only, few enough for the small-batch kernels; False where it does not apply."""
+        table, ctx, rows = self._layer_table, meta.decode, hidden.shape[0]
+        if table is None or meta.prefill_spans or not isinstance(ctx, DecodeBlocks):
+            return False
+        if rows > min(self.max_small_batch_rows, INT4_MAX_ROWS):
+            return False
+        caches = tuple(kv.data_ptr() for kv in kv_caches)
+        if caches != self._table_caches:
+            table[:, LAYER_FIELDS - 1] = torch.tensor(caches, dtype=torch.int64)
+            self._table_caches = caches
+        cfg = self.config
+        decode_layers(
+            hidden, table, (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.rms_norm_eps),
+            *cos_sin, meta.slot_mapping, kv_caches[0].shape[1], ctx.block_table, ctx.context_lens, meta.block_size,
+        )  # fmt: skip
+        return True
 
     def _head(
         self, cfg: ModelConfig, weights: PreparedWeights | None, dtype: torch.dtype, float32_copy: bool
@@ -206,8 +262,9 @@ class LlamaModel(nn.Module):
         hidden = self.embed_tokens(input_ids)
         cos_sin = self.rope.tables(positions)
         nq = meta.num_decode_tokens if meta.num_decode_tokens <= self.max_small_batch_rows else 0
-        for layer, kv in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, self.rope, cos_sin, kv, meta, nq, self.native_ops)
+        if not self._fused_decode(hidden, cos_sin, kv_caches, meta):
+            for layer, kv in zip(self.layers, kv_caches, strict=True):
+                hidden = layer(hidden, self.rope, cos_sin, kv, meta, nq, self.native_ops)
         hidden = hidden.index_select(0, logits_indices)
         hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.config.rms_norm_eps)
         # the runner lists decode tokens' logits rows first, so they are the leading rows here too

@@ -31,7 +31,7 @@ from loom.models.config import ModelConfig
 from loom.models.linear import dense_dtype
 from loom.models.prepared import PreparedWeights
 
-FORMAT_VERSION = 2  # bump when prepared tensors change meaning for the same inputs
+FORMAT_VERSION = 3  # bump when prepared tensors change meaning for the same inputs
 HEADER_BYTES = 8 << 20
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,138 @@
+/* y = x @ W.T for a 4-bit weight and a few bf16 activation rows: the decode-step kernel of an
+   int4 linear (loom/models/native.py).
+
+   A weight value is (code - 8) * scale + zero, as PyTorch's int4 kernel reads it (linear.py's
+   Int4Method): scale and zero bf16 per 32 values of a row. Output rows are taken 16 at a time,
+   one per vector lane, so a weight tile is read once for every activation row and no lane sums
+   are needed. Row o's result for activation row r is
+       sum_b scale_b * ((codes_b - 8) . x_b) + zero_b * sum(x_b)
+   in float32; it does not depend on the other rows.
+   codes: [n / 16, k / 2, 16] uint8: for output tile t, input pair p, lane j: byte =
+   code(16t + j, 2p) | code(16t + j, 2p + 1) << 4; scales, zeros: [n / 16, k / 32, 16] bf16. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+#include "int4_matmul.h"
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+void int4_prepare_rows(const uint16_t *x, int64_t x_stride, int64_t rows, int64_t k, float *xf, float *sums) {
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t i = 0; i < k; i++) xf[r * k + i] = bf16_to_f32(x[r * x_stride + i]);
+        for (int64_t b = 0; b < k / 32; b++) {
+            float s = 0.f;
+            for (int j = 0; j < 32; j++) s += xf[r * k + 32 * b + j];
+            sums[r * (k / 32) + b] = s;
+        }
+    }
+}
+
+#ifdef __AVX512F__
+static inline __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#endif
+
+/* One tile of 16 output rows against `tile` activation rows; out[r * out_stride + 16 * t + lane]. */
+static inline __attribute__((always_inline)) void int4_tile(const Int4Weight *w, int64_t t, const float *xf,
+                                                            const float *sums, int64_t tile, float *out,
+                                                            int64_t out_stride) {
+    const int64_t k = w->k, nb = k / 32;
+    const uint8_t *q = w->codes + t * (k / 2) * 16;
+    const uint16_t *s = w->scales + t * nb * 16, *z = w->zeros + t * nb * 16;
+#ifdef __AVX512F__
+    const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    __m512 acc[INT4_TILE];
+    for (int64_t r = 0; r < tile; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512 part[INT4_TILE];
+        for (int64_t r = 0; r < tile; r++) part[r] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < 16; p++) {
+            const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + (16 * b + p) * 16)));
+            const __m512 w0 = _mm512_permutexvar_ps(bytes, centred);
+            const __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), centred);
+            for (int64_t r = 0; r < tile; r++) {
+                const float *x = xf + r * k + 32 * b + 2 * p;
+                part[r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[0]), part[r]);
+                part[r] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[1]), part[r]);
+            }
+        }
+        const __m512 scale = bf16x16(s + 16 * b), zero = bf16x16(z + 16 * b);
+        for (int64_t r = 0; r < tile; r++) {
+            acc[r] = _mm512_fmadd_ps(part[r], scale, acc[r]);
+            acc[r] = _mm512_fmadd_ps(zero, _mm512_set1_ps(sums[r * nb + b]), acc[r]);
+        }
+    }
+    for (int64_t r = 0; r < tile; r++) _mm512_storeu_ps(out + r * out_stride + 16 * t, acc[r]);
+#else
+    for (int64_t r = 0; r < tile; r++) {
+        for (int64_t j = 0; j < 16; j++) {
+            float total = 0.f;
+            for (int64_t b = 0; b < nb; b++) {
+                float part = 0.f;
+                for (int64_t p = 0; p < 16; p++) {
+                    const uint8_t byte = q[(16 * b + p) * 16 + j];
+                    const float *x = xf + r * k + 32 * b + 2 * p;
+                    part += (float)((byte & 15) - 8) * x[0] + (float)((byte >> 4) - 8) * x[1];
+                }
+                total += part * bf16_to_f32(s[16 * b + j]) + bf16_to_f32(z[16 * b + j]) * sums[r * nb + b];
+            }
+            out[r * out_stride + 16 * t + j] = total;
+        }
+    }
+#endif
+}
+
+void int4_rows(const Int4Weight *w, const float *xf, const float *sums, int64_t rows, int64_t t_begin,
+               int64_t t_end, float *out, int64_t out_stride) {
+    const int64_t nb = w->k / 32;
+    for (int64_t t = t_begin; t < t_end; t++) {
+        for (int64_t r0 = 0; r0 < rows; r0 += INT4_TILE) {
+            const int64_t tile = rows - r0 < INT4_TILE ? rows - r0 : INT4_TILE;
+            const float *x = xf + r0 * w->k, *sx = sums + r0 * nb;
+            float *o = out + r0 * out_stride;
+            switch (tile) { /* a constant tile keeps the accumulators in registers */
+            case 1: int4_tile(w, t, x, sx, 1, o, out_stride); break;
+            case 2: int4_tile(w, t, x, sx, 2, o, out_stride); break;
+            case 3: int4_tile(w, t, x, sx, 3, o, out_stride); break;
+            default: int4_tile(w, t, x, sx, INT4_TILE, o, out_stride); break;
+            }
+        }
+    }
+}
+
+size_t int4_scratch_floats(int64_t rows, int64_t k, int64_t n) { return (size_t)(rows * k + rows * (k / 32) + rows * n); }
+
+void int4_matmul_bf16(const Int4Weight *w, const uint16_t *x, int64_t x_stride, int64_t rows, uint16_t *out,
+                      int64_t out_stride, float *scratch) {
+    const int64_t k = w->k, n = w->n;
+    float *xf = scratch, *sums = xf + rows * k, *y = sums + rows * (k / 32);
+    int4_prepare_rows(x, x_stride, rows, k, xf, sums);
+#pragma omp parallel
+    {
+        const int nt = omp_get_num_threads(), th = omp_get_thread_num();
+        const int64_t tiles = n / 16, chunk = (tiles + nt - 1) / nt, lo = th * chunk;
+        const int64_t hi = lo + chunk < tiles ? lo + chunk : tiles;
+        if (lo < hi) {
+            int4_rows(w, xf, sums, rows, lo, hi, y, n);
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t o = 16 * lo; o < 16 * hi; o++) out[r * out_stride + o] = f32_to_bf16(y[r * n + o]);
+        }
+    }
+}
+
+int loom_int4_matmul(const uint16_t *x, int64_t x_stride, int64_t rows, const uint8_t *codes,
+                     const uint16_t *scales, const uint16_t *zeros, int64_t n, int64_t k, uint16_t *out,
+                     int64_t out_stride) {
+    if (rows < 1 || rows > INT4_MAX_ROWS || k % 32 || n % 16) return 1;
+    const Int4Weight w = {codes, scales, zeros, n, k};
+    float *scratch = malloc(int4_scratch_floats(rows, k, n) * sizeof(float));
+    if (scratch == NULL) return 2;
+    int4_matmul_bf16(&w, x, x_stride, rows, out, out_stride, scratch);
+    free(scratch);
+    return 0;
+}
