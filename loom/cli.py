@@ -165,8 +165,9 @@ def serve(args: argparse.Namespace) -> int:
         if refusal is not None:
             print(f"loom: error: {refusal}", file=sys.stderr)
             return 2
-        # The model loads on the engine's thread while this one imports the web stack; the engine
-        # times its kernels (if this machine's choices are not kept yet) only once this thread is quiet.
+        # The model loads on the engine's thread while this one imports the web stack and builds the
+        # grammar backend; the engine times its kernels (if this machine's choices are not kept yet)
+        # only once this thread is quiet.
         quiet = threading.Event()
         try:
             loading = _begin_engine(args, quiet)
@@ -174,26 +175,28 @@ def serve(args: argparse.Namespace) -> int:
                 return 2
             import uvicorn
 
-            from loom.api.app import create_app
+            from loom.api.app import create_app, warm_structured_outputs
             from loom.api.config import CorsConfig, ServerConfig
             from loom.api.server import server_config
+
+            server_cfg = ServerConfig(
+                served_model_names=loading.names,
+                limits=limits_from_args(args),
+                cors=CorsConfig(tuple(args.allowed_origins), tuple(args.allowed_methods), tuple(args.allowed_headers)),
+                trust_request_chat_template=args.trust_request_chat_template,
+                tool_call_parser=args.tool_call_parser,
+                reasoning_parser=args.reasoning_parser,
+                structured_outputs_backend=args.structured_outputs_backend,
+            )
+            structured = warm_structured_outputs(loading.engine, server_cfg)
         finally:
             quiet.set()
         loaded = loading.wait()
         if loaded is None:
             return 2
         engine, names = loaded
-        limits = limits_from_args(args)
-        server_cfg = ServerConfig(
-            served_model_names=names,
-            limits=limits,
-            cors=CorsConfig(tuple(args.allowed_origins), tuple(args.allowed_methods), tuple(args.allowed_headers)),
-            trust_request_chat_template=args.trust_request_chat_template,
-            tool_call_parser=args.tool_call_parser,
-            reasoning_parser=args.reasoning_parser,
-            structured_outputs_backend=args.structured_outputs_backend,
-        )
-        app = create_app(server_cfg, engine, platform)
+        limits = server_cfg.limits
+        app = create_app(server_cfg, engine, platform, structured)
         server = uvicorn.Server(server_config(app, args.host, args.port, limits, args.log_level))
         about = startup_description(platform, args.host)
 

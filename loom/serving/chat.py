@@ -86,12 +86,14 @@ class ChatService:
         renderer: TemplateRenderer,
         parsers: ParserConfig | None = None,
         structured_backend: str = DEFAULT_BACKEND,
+        structured: StructuredOutputCompiler | None = None,
     ) -> None:
+        """`structured`: a compiler already built (and warmed) for this engine's tokenizer."""
         self.engine = engine
         self.renderer = renderer
         self.model_name = model_name
         self.parsers = parsers or ParserConfig()
-        self.structured = StructuredOutputCompiler(engine.tokenizer, default_backend=structured_backend)
+        self.structured = structured or StructuredOutputCompiler(engine.tokenizer, default_backend=structured_backend)
 
     async def prepare(self, req: ChatRequest) -> PreparedChat:
         """Raises `InvalidRequest` for anything the model cannot honor, before any work starts.
