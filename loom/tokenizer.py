@@ -12,6 +12,7 @@ tokenizer needs only the `tokenizers` library; its `transformers` twin (`.hf`) i
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -92,6 +93,13 @@ class HFTokenizer:
             "vocab_size": self.vocab_size,
             "all_special_ids": sorted(self.all_special_ids),
         }
+
+    def backend_json(self) -> str:
+        """The Rust tokenizer as JSON, padding and truncation off (what llguidance builds from)."""
+        backend = copy.copy(self._backend)
+        backend.no_padding()
+        backend.no_truncation()
+        return str(backend.to_str())
 
     @property
     def hf(self) -> Any:

@@ -1,7 +1,8 @@
 """The llguidance grammar backend (the default): compiles a `GrammarSource` to a matcher per request.
 
-Owns the bridge from Loom's Hugging Face tokenizer to llguidance's (`llguidance.hf.from_tokenizer`,
-built once per backend, ~0.6 s), the translation of each kind of constraint into an llguidance
+Owns the bridge from Loom's Hugging Face tokenizer to llguidance's (an `LLTokenizer` from the
+Rust tokenizer's JSON, as `llguidance.hf.from_tokenizer` builds it but without importing
+`transformers` or building its tokenizer: ~0.5 s of a start-up; built once per backend), the translation of each kind of constraint into an llguidance
 grammar, and the four verbs of `Grammar` over `LLMatcher`. Compiling builds one matcher (the
 expensive part: lexer and parser tables; llguidance drops the GIL meanwhile); each request gets a
 `deep_copy` of it.
@@ -22,7 +23,6 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import llguidance
-import llguidance.hf
 import torch
 from llguidance import GrammarFormat
 
@@ -39,10 +39,10 @@ class LLGuidanceBackend:
     name = "llguidance"
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        hf = getattr(tokenizer, "hf", None)
-        if hf is None:
+        backend_json = getattr(tokenizer, "backend_json", None)
+        if backend_json is None:
             raise GrammarError("structured outputs need a Hugging Face fast tokenizer, which this model does not have")
-        self.ll_tokenizer = llguidance.hf.from_tokenizer(hf)
+        self.ll_tokenizer = llguidance.LLTokenizer(backend_json(), eos_token=tokenizer.eos_token_id)
 
     def compile(self, source: GrammarSource) -> CompiledLLGuidance:
         grammar = _to_llguidance(source)
