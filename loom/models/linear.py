@@ -219,6 +219,8 @@ class Q8Linear(nn.Module):
         self.in_features, self.out_features = codes.shape[1], codes.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:  # a step whose prefill chunk samples nothing asks for no logits
+            return torch.empty(0, self.out_features, dtype=torch.float32)
         parts = [
             q8_0_matmul(x[i : i + Q8_MAX_ROWS], self.codes, self.scales) for i in range(0, x.shape[0], Q8_MAX_ROWS)
         ]

@@ -9,6 +9,7 @@ tests, randomly initialized with plain `nn.Linear`s. Never schedules or samples.
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -218,24 +219,35 @@ class LlamaModel(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
-    ) -> bool:
-        """Runs every layer in one native call (`native.decode_layers`) when this step is decode
-        rows only, few enough for the small-batch kernels; False where it does not apply."""
-        table, ctx, rows = self._layer_table, meta.decode, hidden.shape[0]
-        if table is None or meta.prefill_spans or not isinstance(ctx, DecodeBlocks):
-            return False
-        if rows > min(self.max_small_batch_rows, INT4_MAX_ROWS):
-            return False
+    ) -> torch.Tensor | None:
+        """The step's decode rows through every layer in one native call (`native.decode_layers`)
+        when they are few enough for the small-batch kernels, and its prefill rows (if any) layer by
+        layer; None where the fused call does not apply. Decode rows take the fused call whether or
+        not a prefill shares their step, so a request's tokens do not depend on that."""
+        table, ctx, nd = self._layer_table, meta.decode, meta.num_decode_tokens
+        if table is None or not isinstance(ctx, DecodeBlocks) or nd > min(self.max_small_batch_rows, INT4_MAX_ROWS):
+            return None
         caches = tuple(kv.data_ptr() for kv in kv_caches)
         if caches != self._table_caches:
             table[:, LAYER_FIELDS - 1] = torch.tensor(caches, dtype=torch.int64)
             self._table_caches = caches
-        cfg = self.config
+        cfg, (cos, sin) = self.config, cos_sin
+        decoded = hidden[:nd].contiguous()
         decode_layers(
-            hidden, table, (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.rms_norm_eps),
-            *cos_sin, meta.slot_mapping, kv_caches[0].shape[1], ctx.block_table, ctx.context_lens, meta.block_size,
+            decoded, table, (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size, cfg.rms_norm_eps),
+            cos[:nd], sin[:nd], meta.slot_mapping[:nd], kv_caches[0].shape[1], ctx.block_table, ctx.context_lens,
+            meta.block_size,
         )  # fmt: skip
-        return True
+        if not meta.prefill_spans:
+            return decoded
+        spans = tuple(
+            dataclasses.replace(span, start=span.start - nd, end=span.end - nd) for span in meta.prefill_spans
+        )
+        prefill_meta = AttentionMetadata(meta.slot_mapping[nd:], meta.block_size, 0, None, spans)
+        rest, rest_cos_sin = hidden[nd:], (cos[nd:], sin[nd:])
+        for layer, kv in zip(self.layers, kv_caches, strict=True):
+            rest = layer(rest, self.rope, rest_cos_sin, kv, prefill_meta, 0, self.native_ops)
+        return torch.cat([decoded, rest])
 
     def _head(
         self, cfg: ModelConfig, weights: PreparedWeights | None, dtype: torch.dtype, float32_copy: bool
@@ -262,7 +274,10 @@ class LlamaModel(nn.Module):
         hidden = self.embed_tokens(input_ids)
         cos_sin = self.rope.tables(positions)
         nq = meta.num_decode_tokens if meta.num_decode_tokens <= self.max_small_batch_rows else 0
-        if not self._fused_decode(hidden, cos_sin, kv_caches, meta):
+        fused = self._fused_decode(hidden, cos_sin, kv_caches, meta)
+        if fused is not None:
+            hidden = fused
+        else:
             for layer, kv in zip(self.layers, kv_caches, strict=True):
                 hidden = layer(hidden, self.rope, cos_sin, kv, meta, nq, self.native_ops)
         hidden = hidden.index_select(0, logits_indices)

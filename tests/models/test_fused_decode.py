@@ -76,11 +76,17 @@ def _model() -> LlamaModel:
     return LlamaModel(CONFIG, torch.bfloat16, weights, max_small_batch_rows=INT4_MAX_ROWS).eval()
 
 
-def _decode_step(model: LlamaModel, prompts: list[list[int]], next_ids: list[int]) -> tuple[torch.Tensor, list]:
-    """Prefills each prompt in its own blocks, then one decode step of every request: its logits and the caches."""
+def _decode_step(
+    model: LlamaModel, prompts: list[list[int]], next_ids: list[int], newcomer: list[int] | None = None
+) -> tuple[torch.Tensor, list]:
+    """Prefills each prompt in its own blocks, then one decode step of every request (with
+    `newcomer`'s whole prompt prefilled in the same step): its logits and the caches."""
     blocks_per_req = 4
-    num_slots = len(prompts) * blocks_per_req * BLOCK
-    kv = [torch.zeros(2 * CONFIG.num_kv_heads, num_slots, CONFIG.head_dim, dtype=torch.bfloat16) for _ in range(CONFIG.num_layers)]
+    num_slots = (len(prompts) + 1) * blocks_per_req * BLOCK
+    kv = [
+        torch.zeros(2 * CONFIG.num_kv_heads, num_slots, CONFIG.head_dim, dtype=torch.bfloat16)
+        for _ in range(CONFIG.num_layers)
+    ]
     table = torch.arange(len(prompts) * blocks_per_req).view(len(prompts), blocks_per_req).flip(0)  # not in order
 
     def slots(r: int, pos: torch.Tensor) -> torch.Tensor:
@@ -94,8 +100,15 @@ def _decode_step(model: LlamaModel, prompts: list[list[int]], next_ids: list[int
         pos = torch.tensor([len(p) for p in prompts])
         step_slots = torch.stack([slots(r, pos[r]) for r in range(len(prompts))])
         ctx = DecodeBlocks(table.to(torch.int32), (pos + 1).to(torch.int32))
-        meta = AttentionMetadata(step_slots, BLOCK, len(prompts), ctx, ())
-        logits = model(torch.tensor(next_ids), pos, kv, meta, torch.arange(len(prompts)))
+        ids, spans, rows = torch.tensor(next_ids), (), torch.arange(len(prompts))
+        if newcomer is not None:  # in the blocks after every other request's
+            n, d = len(newcomer), len(prompts)
+            new_slots = len(prompts) * blocks_per_req * BLOCK + torch.arange(n)
+            spans = (PrefillSpan(d, d + n, new_slots, True),)
+            ids, pos = torch.cat([ids, torch.tensor(newcomer)]), torch.cat([pos, torch.arange(n)])
+            step_slots, rows = torch.cat([step_slots, new_slots]), torch.cat([rows, torch.tensor([d + n - 1])])
+        meta = AttentionMetadata(step_slots, BLOCK, len(prompts), ctx, spans)
+        logits = model(ids, pos, kv, meta, rows)
     return logits, kv
 
 
@@ -125,3 +138,15 @@ def test_the_fused_decode_layers_give_what_the_layer_by_layer_path_gives(
     assert torch.equal(fused.argmax(-1), stepwise.argmax(-1))
     for a, b in zip(fused_kv, stepwise_kv, strict=True):
         assert float((a.float() - b.float()).abs().max()) <= 0.02 * float(b.float().abs().max())
+
+
+def test_decode_rows_give_the_same_bits_with_or_without_a_prefill_in_their_step() -> None:
+    model = _model()
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (7, 21)]
+    newcomer = torch.randint(0, 96, (30,), generator=gen).tolist()
+    next_ids = [5, 17]
+    alone, _ = _decode_step(model, prompts, next_ids)
+    shared, _ = _decode_step(model, prompts, next_ids, newcomer)
+    assert torch.equal(shared[: len(prompts)], alone)
+    assert shared.shape[0] == len(prompts) + 1  # the newcomer's last prompt token was sampled too

@@ -61,6 +61,8 @@ def test_the_head_takes_the_kernel_for_leading_rows_and_the_dense_copy_for_the_r
     assert torch.equal(mixed[:18], torch.cat([q8_0_matmul(x[:16], blocks.codes, blocks.scales),
                                               q8_0_matmul(x[16:18], blocks.codes, blocks.scales)]))  # fmt: skip
     assert torch.equal(mixed[18:], head.large(x[18:]).float())
+    # a step whose prefill chunk samples nothing asks the head for no rows
+    assert head(x[:0], 0).shape == (0, 1000)
     # a float32 model has no native kernel for it: the dense head alone
     dense = dense_module(blocks.dequantize())
     assert with_q8_blocks(dense, {"q8_codes": blocks.codes, "q8_scales": blocks.scales}, torch.float32) is dense
