@@ -17,11 +17,13 @@ for a few rows (linear.Q8Linear): half the bytes of its bf16 copy.
 
 Fused decode layers (csrc/decode_layers.c, csrc/int4_matmul.c): for a decode step of a few rows
 of a bf16 model with int4 linears, every decoder layer in one call: the norms, the int4 matmuls
-(the same codes as PyTorch's int4 op, in a layout of 16 output rows per vector), RoPE with the
-cache write, attention, SiLU and the residual adds, rounding to bf16 where the torch path does.
-Layer by layer, a 1-row step here was mostly Python and dispatch around small kernels: the int4
-kernel alone is level with PyTorch's (SmolLM2's 120 linears at 1 row: 5.6 vs 5.3 ms), but the
-whole step went 11.0-11.7 -> 7.9-9.0 ms (engine-only, alternated, load 1.0-1.3).
+(the same codes as PyTorch's int4 op, in a layout of 16 output rows per vector; with AVX512-BF16
+a lane's two codes meet the activations' bf16 pair in one dot instruction), RoPE with the cache
+write, attention, SiLU and the residual adds, rounding to bf16 where the torch path does. Layer
+by layer, a 1-row step here was mostly Python and dispatch around small kernels: the whole step
+went 11.0-11.7 -> 7.9-9.0 ms (engine-only, alternated, load 1.0-1.3). The int4 kernel against
+PyTorch's, SmolLM2's 120 linears in one process (load 1.1-1.2): 3.5 vs 3.9 ms at 1 row, 4.6 vs
+6.4 at 4, 8.3-10.3 vs 11.5-13.2 at 8.
 
 Why a C file and ctypes, not a PyTorch C++ extension: both files compile in ~0.8 s with the system
 C compiler (torch's headers take ~40 s), need no ninja, and a call releases the GIL. It links

@@ -20,8 +20,8 @@ typedef struct {
 void int4_prepare_rows(const uint16_t *x, int64_t x_stride, int64_t rows, int64_t k, float *xf, float *sums);
 
 /* Output tiles [t_begin, t_end) (16 output rows each) of every activation row, in float32. */
-void int4_rows(const Int4Weight *w, const float *xf, const float *sums, int64_t rows, int64_t t_begin,
-               int64_t t_end, float *out, int64_t out_stride);
+void int4_rows(const Int4Weight *w, const float *xf, const uint16_t *xb, int64_t xb_stride, const float *sums,
+               int64_t rows, int64_t t_begin, int64_t t_end, float *out, int64_t out_stride);
 
 /* out (bf16, rounded once) = x @ W.T for rows <= INT4_MAX_ROWS; scratch: int4_scratch_floats floats. */
 size_t int4_scratch_floats(int64_t rows, int64_t k, int64_t n);
