@@ -12,7 +12,7 @@
 
 #include "bf16.h"
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -23,7 +23,8 @@ static inline float half_to_f32(uint16_t h) {
 #ifdef __F16C__
     return _cvtsh_ss(h);
 #else
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f;
+    uint32_t man = h & 0x3ff;
     uint32_t u;
     if (exp == 0x1f) {
         u = sign | 0x7f800000u | (man << 13);
