@@ -31,6 +31,14 @@ void int4_prepare_rows(const uint16_t *x, int64_t x_stride, int64_t rows, int64_
     }
 }
 
+#ifdef __AVX512BF16__
+/* code - 8 for codes 0..15 in bf16, twice: the word permute indexes 32 entries */
+static const uint16_t CENTRED_BF16[32] = {
+    0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+    0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+};
+#endif
+
 #ifdef __AVX512F__
 static inline __m512 bf16x16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
@@ -45,12 +53,14 @@ static inline __attribute__((always_inline)) void int4_tile(const Int4Weight *w,
     const int64_t k = w->k, nb = k / 32;
     const uint8_t *q = w->codes + t * (k / 2) * 16;
     const uint16_t *s = w->scales + t * nb * 16, *z = w->zeros + t * nb * 16;
-#if defined(__AVX512BF16__)
-    /* a lane's two codes as a bf16 pair (code - 8 by word permute), against the activations' own
-       bf16 pair: one dot instruction per input pair and row, products exact in float32 */
-    uint16_t centred_bf16[32];
-    for (int i = 0; i < 32; i++) centred_bf16[i] = f32_to_bf16((float)((i & 15) - 8));
-    const __m512i table = _mm512_loadu_si512(centred_bf16), nibbles = _mm512_set1_epi32(0x000f000f);
+#ifdef __AVX512F__
+#ifdef __AVX512BF16__
+    const __m512i table = _mm512_loadu_si512(CENTRED_BF16), nibbles = _mm512_set1_epi32(0x000f000f);
+    (void)xf;
+#else
+    const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    (void)xb, (void)xb_stride;
+#endif
     __m512 acc[INT4_TILE];
     for (int64_t r = 0; r < tile; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -58,6 +68,9 @@ static inline __attribute__((always_inline)) void int4_tile(const Int4Weight *w,
         for (int64_t r = 0; r < tile; r++) part[r] = _mm512_setzero_ps();
         for (int64_t p = 0; p < 16; p++) {
             const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + (16 * b + p) * 16)));
+#ifdef __AVX512BF16__
+            /* a lane's two codes as a bf16 pair (code - 8 by word permute), against the
+               activations' own bf16 pair: one dot instruction per input pair and row */
             const __m512i idx = _mm512_and_si512(_mm512_or_si512(bytes, _mm512_slli_epi32(bytes, 12)), nibbles);
             const __m512bh pair = (__m512bh)_mm512_permutexvar_epi16(idx, table);
             for (int64_t r = 0; r < tile; r++) {
@@ -65,31 +78,15 @@ static inline __attribute__((always_inline)) void int4_tile(const Int4Weight *w,
                 memcpy(&xpair, xb + r * xb_stride + 32 * b + 2 * p, 4);
                 part[r] = _mm512_dpbf16_ps(part[r], pair, (__m512bh)_mm512_set1_epi32((int)xpair));
             }
-        }
-        const __m512 scale = bf16x16(s + 16 * b), zero = bf16x16(z + 16 * b);
-        for (int64_t r = 0; r < tile; r++) {
-            acc[r] = _mm512_fmadd_ps(part[r], scale, acc[r]);
-            acc[r] = _mm512_fmadd_ps(zero, _mm512_set1_ps(sums[r * nb + b]), acc[r]);
-        }
-    }
-    for (int64_t r = 0; r < tile; r++) _mm512_storeu_ps(out + r * out_stride + 16 * t, acc[r]);
-    (void)xf;
-#elif defined(__AVX512F__)
-    const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    __m512 acc[INT4_TILE];
-    for (int64_t r = 0; r < tile; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m512 part[INT4_TILE];
-        for (int64_t r = 0; r < tile; r++) part[r] = _mm512_setzero_ps();
-        for (int64_t p = 0; p < 16; p++) {
-            const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + (16 * b + p) * 16)));
-            const __m512 w0 = _mm512_permutexvar_ps(bytes, centred);
+#else
+            const __m512 w0 = _mm512_permutexvar_ps(bytes, centred); /* code - 8: the low 4 bits index */
             const __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), centred);
             for (int64_t r = 0; r < tile; r++) {
                 const float *x = xf + r * k + 32 * b + 2 * p;
                 part[r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[0]), part[r]);
                 part[r] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[1]), part[r]);
             }
+#endif
         }
         const __m512 scale = bf16x16(s + 16 * b), zero = bf16x16(z + 16 * b);
         for (int64_t r = 0; r < tile; r++) {
