@@ -72,11 +72,13 @@ def load_model(model_path: str, dtype: torch.dtype) -> Any:
     if is_accelerate_available():
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     else:
-        model = _load_model_without_accelerate(folder, name, dtype)
+        model = load_dense_model(folder, name, dtype)
     return model.eval()
 
 
-def _load_model_without_accelerate(folder: str, name: str, dtype: torch.dtype) -> Any:
+def load_dense_model(folder: str, name: str, dtype: torch.dtype) -> Any:
+    """Every GGUF tensor dequantized into a plain model with no quantizer attached, so
+    `save_pretrained` writes it (the vLLM peer's export) and no `accelerate` is needed."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     config = AutoConfig.from_pretrained(folder, gguf_file=name)

@@ -16,14 +16,14 @@ from typing import Any
 
 import httpx
 
-from loom.bench import llama_server
+from loom.bench import llama_server, vllm_setup
 from loom.bench.client import stream_chat
 from loom.bench.phase import measure_phase
 from loom.bench.results import PhaseResult, PhaseShape, TargetRun
 from loom.bench.scenarios import RUNNERS, ScenarioContext
 from loom.bench.server import Log, LoomBenchError
 from loom.bench.stats import read_loadavg, summarize
-from loom.bench.targets import LaunchSettings, TargetSpec, running, vllm_python
+from loom.bench.targets import VLLM_SETUP_HINT, LaunchSettings, TargetSpec, running, vllm_python
 from loom.bench.workload import BenchRequest, Tokenizer, WorkloadSpec, arrival_offsets, build_requests, chat_body
 
 PHASE_INDEX_STRIDE = 100_000  # phase k's prompts are numbered from (k + 1) * stride: never shared
@@ -101,22 +101,26 @@ async def measure_target(url: str, plan: BenchPlan, tokenizer: Tokenizer | None,
                     log(f"{run.name}: scenario {name} FAILED: {run.errors[-1]}")
 
 
+# What ends one target's run with its error recorded, while the other targets still run.
+TARGET_FAILURES = (
+    LoomBenchError, llama_server.BuildError, vllm_setup.SetupError, httpx.HTTPError, KeyError, ValueError, OSError
+)  # fmt: skip
+
+
 def run_http_target(
     spec: TargetSpec, plan: BenchPlan, launch: LaunchSettings, tokenizer: Tokenizer | None, log: Log
 ) -> TargetRun:
     run = TargetRun(spec.name, spec.kind, spec.url)
     log(f"== {spec.name} ({spec.kind}) == load average {read_loadavg()}")
     if spec.kind == "vllm" and vllm_python(launch) is None:
-        run.notes.append(
-            f"skipped: no vLLM virtual environment at {launch.vllm_venv or launch.cache_dir / 'vllm-venv'}"
-        )
+        run.notes.append(f"skipped: no vLLM virtual environment; {VLLM_SETUP_HINT}")
         log(f"{spec.name}: {run.notes[-1]}")
         return run
     try:
         with running(spec, launch, log) as launched:
             run.url, run.ready_s, run.command = launched.url, launched.ready_s, launched.command
             asyncio.run(measure_target(launched.url, plan, tokenizer, run, log))
-    except (LoomBenchError, llama_server.BuildError, httpx.HTTPError, KeyError, ValueError, OSError) as exc:
+    except TARGET_FAILURES as exc:
         run.errors.append(f"{type(exc).__name__}: {exc}")
         log(f"{spec.name}: FAILED: {run.errors[-1]}")
     return run

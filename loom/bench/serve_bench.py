@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from loom.bench import llama_server, report, soak
+from loom.bench import llama_server, report, soak, vllm_setup
 from loom.bench.runner import BenchPlan, HFOptions, run_hf_target, run_http_target
 from loom.bench.scenarios import SCENARIOS
 from loom.bench.stats import read_loadavg
@@ -113,11 +113,18 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--vllm-venv", type=Path, default=None, help="vLLM's virtual environment (default: <cache>/vllm-venv)"
     )
-    group.add_argument("--vllm-model", default=None, help="what vLLM loads (a Hugging Face folder); default --model")
+    group.add_argument(
+        "--vllm-model", default=None, help="what vLLM loads (a Hugging Face folder); default: --model exported to one"
+    )
+    group.add_argument("--vllm-threads", type=int, default=os.cpu_count() or 1, help="cores vLLM binds its threads to")
     group.add_argument("--vllm-arg", action="append", default=[], help="extra vLLM server args, shell-split")
     group.add_argument("--cache-dir", type=Path, default=None, help="peer builds (default: ~/.cache/loom)")
     group.add_argument(
-        "--setup", choices=["llama-server"], default=None, help="build that peer into the cache and exit"
+        "--setup",
+        choices=["llama-server", "vllm"],
+        default=None,
+        help="install that peer into the cache and exit (llama-server: a build of ~4 min on 2 cores; "
+        "vllm: a virtual environment of ~1 GB from the package index, and --model as a Hugging Face folder)",
     )
 
 
@@ -181,7 +188,7 @@ def launch_from_args(args: argparse.Namespace, stamp: str) -> LaunchSettings:
         startup_timeout_s=args.startup_timeout, cache_dir=args.cache_dir or llama_server.default_cache_dir(),
         loom_args=tuple(args.server_arg), llama_args=tuple(args.llama_arg), llama_threads=args.llama_threads,
         llama_parallel=args.llama_parallel, llama_context=args.llama_context, vllm_venv=args.vllm_venv,
-        vllm_model=args.vllm_model, vllm_args=tuple(args.vllm_arg),
+        vllm_model=args.vllm_model, vllm_args=tuple(args.vllm_arg), vllm_threads=args.vllm_threads,
     )  # fmt: skip
 
 
@@ -277,9 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_command(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    cache_dir = args.cache_dir or llama_server.default_cache_dir()
     if args.setup == "llama-server":
-        path = llama_server.ensure(args.cache_dir or llama_server.default_cache_dir(), log)
-        log(f"llama-server: {path}")
+        log(f"llama-server: {llama_server.ensure(cache_dir, log)}")
+        return 0
+    if args.setup == "vllm":
+        python, model = vllm_setup.ensure(cache_dir, Path(args.model), log, args.vllm_venv)
+        log(f"vllm: {python} serves {model}")
         return 0
     args.results_dir.mkdir(parents=True, exist_ok=True)
     if args.soak is not None:

@@ -40,9 +40,13 @@ def server_command(model: str, dtype: str, port: int, server_args: Sequence[str]
     return cmd + ["--host", "127.0.0.1", "--port", str(port), "--dtype", dtype, *extra]
 
 
-def start_server(cmd: list[str], log_path: Path, log: Log, name: str = "loom") -> Popen[bytes]:
-    log(f"{name}: starting {shlex.join(cmd)} (log: {log_path})")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def start_server(
+    cmd: list[str], log_path: Path, log: Log, name: str = "loom", extra_env: dict[str, str] | None = None
+) -> Popen[bytes]:
+    extra_env = extra_env or {}
+    shown = " ".join(f"{key}={value}" for key, value in extra_env.items())
+    log(f"{name}: starting {shown + ' ' if shown else ''}{shlex.join(cmd)} (log: {log_path})")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra_env}
     with log_path.open("wb") as log_file:
         # A session of its own, so stop_server can reap any engine processes the server forks.
         return Popen(cmd, env=env, stdout=log_file, stderr=STDOUT, start_new_session=True)

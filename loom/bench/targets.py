@@ -17,11 +17,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from loom.bench import llama_server
+from loom.bench import llama_server, vllm_setup
 from loom.bench.client import api_root
 from loom.bench.server import Log, LoomBenchError, free_port, server_command, start_server, stop_server, wait_for_health
 
 MANAGED_KINDS = ("loom", "llama-server", "vllm", "hf")
+VLLM_MEMORY_SHARE = 0.3
+VLLM_SETUP_HINT = "`loom bench --setup vllm` creates it (or pass --vllm-venv)"
 URL_KIND = "url"
 
 
@@ -69,8 +71,9 @@ class LaunchSettings:
     llama_parallel: int = 64
     llama_context: int = 32768
     vllm_venv: Path | None = None
-    vllm_model: str | None = None  # vLLM wants a Hugging Face folder; None: the GGUF
+    vllm_model: str | None = None  # vLLM wants a Hugging Face folder; None: the GGUF exported to one
     vllm_args: tuple[str, ...] = ()
+    vllm_threads: int = os.cpu_count() or 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,15 +97,23 @@ def llama_server_command(binary: Path, settings: LaunchSettings, port: int) -> l
 
 
 def vllm_python(settings: LaunchSettings) -> Path | None:
-    venv = settings.vllm_venv or settings.cache_dir / "vllm-venv"
-    python = venv / "bin" / "python"
-    return python if python.is_file() else None
+    return vllm_setup.venv_python(settings.vllm_venv or vllm_setup.venv_dir(settings.cache_dir))
 
 
-def vllm_command(python: Path, settings: LaunchSettings, port: int) -> list[str]:
+def vllm_command(python: Path, model: str, settings: LaunchSettings, port: int) -> list[str]:
     # The package's `vllm` console script is broken in the CPU build; the module entry point works.
-    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", settings.vllm_model or settings.model]
-    return cmd + ["--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", *_split(settings.vllm_args)]
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16"]
+    # On the CPU this is the share of host memory vLLM reserves; its default (0.92) refuses to
+    # start beside anything else. `--vllm-arg` comes after, so a user's own value wins.
+    cmd += ["--gpu-memory-utilization", str(VLLM_MEMORY_SHARE)]
+    return cmd + _split(settings.vllm_args)
+
+
+def vllm_env(threads: int) -> dict[str, str]:
+    """vLLM's CPU build binds its OpenMP threads and by default keeps one core for its front end:
+    bind all `threads` cores, as Loom and llama-server use them."""
+    return {"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "HF_HUB_OFFLINE": "1"}
 
 
 def managed_command(spec: TargetSpec, settings: LaunchSettings, port: int, log: Log) -> list[str]:
@@ -113,10 +124,12 @@ def managed_command(spec: TargetSpec, settings: LaunchSettings, port: int, log: 
     if spec.kind == "vllm":
         python = vllm_python(settings)
         if python is None:
-            raise LoomBenchError(
-                f"no vLLM virtual environment at {settings.vllm_venv or settings.cache_dir / 'vllm-venv'}"
-            )
-        return vllm_command(python, settings, port)
+            raise LoomBenchError(f"no vLLM virtual environment: {VLLM_SETUP_HINT}")
+        model = settings.vllm_model
+        if model is None:
+            gguf = Path(settings.model)
+            model = str(vllm_setup.export_model(gguf, vllm_setup.model_dir(settings.cache_dir, gguf), log))
+        return vllm_command(python, model, settings, port)
     raise LoomBenchError(f"{spec.kind} is not a server")
 
 
@@ -130,7 +143,8 @@ def running(spec: TargetSpec, settings: LaunchSettings, log: Log) -> Iterator[La
     port = free_port()
     cmd = managed_command(spec, settings, port, log)
     log_path = settings.results_dir / f"{settings.stamp}-{spec.name}-server.log"
-    proc = start_server(cmd, log_path, log, spec.name)
+    env = vllm_env(settings.vllm_threads) if spec.kind == "vllm" else None
+    proc = start_server(cmd, log_path, log, spec.name, env)
     try:
         url = f"http://127.0.0.1:{port}"
         ready_s = wait_for_health(url, proc, settings.startup_timeout_s, log_path, log, spec.name)
