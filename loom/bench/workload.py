@@ -40,6 +40,7 @@ class WorkloadSpec:
     top_p: float | None = None
     ignore_eos: bool = True  # sent where the target honors it, so every request runs max_tokens
     seed: int = 0
+    request_seeds: bool = True  # each request carries `seed`; off for a target that fails on it
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +86,11 @@ def chat_body(model_id: str, request: BenchRequest, spec: WorkloadSpec) -> dict[
         "messages": [{"role": "user", "content": request.prompt}],
         "max_tokens": request.max_tokens,
         "temperature": spec.temperature,
-        "seed": spec.seed + request.index,  # the same sampled output on every run of a target
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if spec.request_seeds:
+        body["seed"] = spec.seed + request.index  # the same sampled output on every run of a target
     if spec.top_p is not None:
         body["top_p"] = spec.top_p
     if spec.ignore_eos:

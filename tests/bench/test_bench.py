@@ -153,6 +153,7 @@ def test_the_request_set_is_seeded_unique_and_independent_of_its_size() -> None:
     assert {len(tok.encode(r.prompt)) for r in fixed} == {20} and {r.max_tokens for r in fixed} == {40}
     body = chat_body("m", fixed[0], WorkloadSpec(temperature=0.8, top_p=0.9, ignore_eos=False))
     assert body["temperature"] == 0.8 and body["top_p"] == 0.9 and "ignore_eos" not in body and body["stream"]
+    assert body["seed"] == fixed[0].index and "seed" not in chat_body("m", fixed[0], WorkloadSpec(request_seeds=False))
     offsets = arrival_offsets(2000, 50.0, seed=1)
     assert offsets == arrival_offsets(2000, 50.0, seed=1) and offsets == sorted(offsets) and offsets[0] == 0
     assert offsets[-1] / 1999 == pytest.approx(1 / 50, rel=0.1)  # mean gap of a Poisson process at 50/s
