@@ -135,6 +135,27 @@ def test_decode_steps_take_the_small_batch_kernels_up_to_the_measured_crossover(
     assert measure_small_batch_rows(linears, torch.float32) == expected
 
 
+class _BusyOnce(_Constant):
+    """Fast up to 8 rows, but slow for its first `busy_calls` calls at `busy_rows`: a busy moment."""
+
+    def __init__(self, busy_rows: int, busy_calls: int) -> None:
+        super().__init__(1.0, 8, 0.003)
+        self.busy_rows, self.busy_calls = busy_rows, busy_calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == self.busy_rows and self.busy_calls > 0:
+            self.busy_calls -= 1
+            time.sleep(0.003)
+        return super().forward(x)
+
+
+def test_one_busy_moment_does_not_end_the_crossover_search() -> None:
+    # three linears, three rounds: the small-batch kernels lose every call of one timing at 4 rows
+    small = _BusyOnce(busy_rows=4, busy_calls=9)
+    linears = [RowSwitchLinear(small, _Constant(2.0, 0, 0.001)) for _ in range(3)]  # type: ignore[arg-type]
+    assert measure_small_batch_rows(linears, torch.float32) == 8
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
 def test_each_row_gets_the_same_bits_whatever_rows_share_the_call(
