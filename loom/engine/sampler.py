@@ -13,8 +13,10 @@ Order of operations (each step skipped when no row in the batch needs it):
   4. temperature scaling (greedy rows divided by 1, their result is already fixed)
   5. top_k: tokens below the row's k-th largest logit are dropped (one `topk`, no sort)
   6. top_p: on the rows that use it only; a token is dropped when the mass strictly before it
-     already reaches top_p (the top token always stays). The 256 most likely tokens decide a row
-     when their mass reaches top_p, else the 4,096 most likely; only rows where neither does are
+     already reaches top_p (the top token always stays). With the native kernels, each row's
+     tokens at or above a threshold (lowered until their mass reaches top_p) are sorted, not the
+     vocabulary (models/csrc/top_p.c); without them, the 256 most likely tokens decide a row when
+     their mass reaches top_p, else the 4,096 most likely; only rows where neither does are
      sorted whole
   7. min_p: tokens whose probability is below min_p * max probability are dropped
   8. the draw, by inverse CDF: the row's cumulative (unnormalized) probabilities are searched for
@@ -45,6 +47,7 @@ import torch.nn.functional as F
 from loom.engine.logits_processors import apply_logits_processors
 from loom.engine.logprobs import TokenLogprob
 from loom.engine.sampling_batch import SamplingBatch
+from loom.models.native import native_top_p_supported, top_p_draw
 
 _NEG_INF = float("-inf")
 _DRAW_BLOCK = 1024  # tokens per block of the two-level draw (`_draw`)
@@ -171,6 +174,8 @@ def _draw_nucleus(
     k = 256, then 4,096 (flat rows; ~6x cheaper than a sort of 49,152 here), then a whole sort.
     Which path a row takes depends on that row alone, so a seeded row draws the same token
     whatever else is in the batch."""
+    if probs.device.type == "cpu" and native_top_p_supported():
+        return top_p_draw(probs, p, uniform, min_p)  # the same cut and draw from a threshold, no topk
     num_rows, vocab = probs.shape
     chosen = torch.zeros(num_rows, dtype=torch.long)
     idx = torch.arange(num_rows)  # rows not drawn yet
