@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "vexp.h"
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define LOOM_AVX512BF16 1
@@ -67,6 +68,28 @@ static inline __attribute__((always_inline)) void block_values(const uint16_t *v
     }
 }
 
+/* s[t] = exp(s[t] - shift) for t < n; returns their sum */
+static inline float exp_shifted(float *s, int64_t n, float shift) {
+    float sum = 0.f;
+    int64_t t = 0;
+#if defined(__AVX512F__)
+    const __m512 vshift = _mm512_set1_ps(shift);
+    __m512 vsum = _mm512_setzero_ps();
+    for (; t < n; t += 16) {
+        const __mmask16 live = n - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1);
+        const __m512 e = loom_exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), vshift));
+        _mm512_mask_storeu_ps(s + t, live, e);
+        vsum = _mm512_mask_add_ps(vsum, live, vsum, e);
+    }
+    sum = _mm512_reduce_add_ps(vsum);
+#endif
+    for (; t < n; t++) {
+        s[t] = expf(s[t] - shift);
+        sum += s[t];
+    }
+    return sum;
+}
+
 static void one_head(const uint16_t *cache, int64_t num_slots, const uint16_t *qb, uint16_t *ob,
                      const int32_t *table, int64_t ctx, int64_t kh, int64_t num_kv_heads, int64_t group,
                      int64_t hd, int64_t block_size, float scale) {
@@ -102,10 +125,7 @@ static void one_head(const uint16_t *cache, int64_t num_slots, const uint16_t *q
             const float corr = expf(m[g] - bm);
             l[g] *= corr;
             for (int64_t i = 0; i < hd; i++) acc[g][i] *= corr;
-            for (int64_t t = 0; t < n; t++) {
-                s[g][t] = expf(s[g][t] - bm);
-                l[g] += s[g][t];
-            }
+            l[g] += exp_shifted(s[g], n, bm);
             m[g] = bm;
         }
         if (hd == 64)
