@@ -25,8 +25,8 @@ went 11.0-11.7 -> 7.9-9.0 ms (engine-only, alternated, load 1.0-1.3). The int4 k
 PyTorch's, SmolLM2's 120 linears in one process (load 1.1-1.2): 3.5 vs 3.9 ms at 1 row, 4.6 vs
 6.4 at 4, 8.3-10.3 vs 11.5-13.2 at 8.
 
-The attention softmax and the fused layers' SiLU take their exps 16 at a time (csrc/vexp.h, within
-1 ulp of glibc's expf over [-103, 88], checked by hand): a scalar expf was ~10 ns here, and the
+The attention softmax and the fused layers' SiLU take their exps 16 at a time (csrc/vexp.h; 1 ulp
+from glibc's expf at worst over [-103, 88], and tested against float64): a scalar expf was ~10 ns here, and the
 fused layers' SiLU ran on one thread. 30 layers of 32-row decode attention: 15.8-20.7 vs 21.5-23.6
 ms; served, alternated three times against the commit before (load 0.6-2.2): 8 streams 183-211 vs
 144-183 tok/s, 32 streams 253-326 vs 255-292, one stream level.
@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (
     CSRC / "paged_decode.c", CSRC / "layer_ops.c", CSRC / "q8_matmul.c", CSRC / "int4_matmul.c", CSRC / "decode_layers.c",
-    CSRC / "top_p.c",
+    CSRC / "top_p.c", CSRC / "vexp.c",
 )  # fmt: skip
 HEADERS = (CSRC / "bf16.h", CSRC / "int4_matmul.h", CSRC / "vexp.h")
 FLAGS = (
@@ -118,6 +118,16 @@ def q8_0_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> t
     )  # fmt: skip
     if status != 0:
         raise ValueError(f"q8_0 kernel refused {x.shape[0]} rows of {codes.shape[1]} (status {status})")
+    return out
+
+
+def exp_f32(x: torch.Tensor) -> torch.Tensor:
+    """exp as the kernels compute it (csrc/vexp.h where AVX-512 runs), for testing its accuracy."""
+    lib = _library()
+    assert lib is not None
+    x = x.float().contiguous()
+    out = torch.empty_like(x)
+    lib.loom_exp_f32(x.data_ptr(), out.data_ptr(), x.numel())
     return out
 
 
@@ -275,6 +285,8 @@ def _library() -> ctypes.CDLL | None:
     lib.loom_q8_0_matmul.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
     lib.loom_int4_matmul.restype = ctypes.c_int
     lib.loom_int4_matmul.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64]
+    lib.loom_exp_f32.restype = None
+    lib.loom_exp_f32.argtypes = [_PTR, _PTR, _I64]
     lib.loom_top_p_draw.restype = ctypes.c_int
     lib.loom_top_p_draw.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
     lib.loom_decode_layers.restype = ctypes.c_int

@@ -67,6 +67,18 @@ def fresh_library() -> Iterator[None]:
     timing.keep_choices(None)
 
 
+def test_the_kernels_exp_is_within_two_ulp_of_the_exact_value() -> None:
+    """The attention softmax's and the fused SiLU's exp (csrc/vexp.h): against float64, over the
+    whole range where float32 exp is a normal number, plus the ends."""
+    x = torch.cat([torch.linspace(-87.0, 88.0, 200_003), torch.tensor([0.0, -1e-30, 1e-30, -0.5, 0.5])])
+    got = native.exp_f32(x)
+    exact = x.double().exp()
+    ulp = torch.finfo(torch.float32).eps * exact.abs()  # at most 2x the true ulp: a safe bound
+    assert bool(((got.double() - exact).abs() <= 2 * ulp).all())
+    ends = native.exp_f32(torch.tensor([-200.0, -110.0, 89.0]))
+    assert ends[0] == 0 and ends[1] == 0 and bool(torch.isfinite(ends[2]) | torch.isinf(ends[2]))
+
+
 @pytest.mark.parametrize("compiler", ["/nonexistent/cc", "false"])  # missing, and one that fails
 def test_without_a_working_compiler_every_step_runs_on_the_torch_path(
     compiler: str, fresh_library: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
