@@ -25,15 +25,17 @@ went 11.0-11.7 -> 7.9-9.0 ms (engine-only, alternated, load 1.0-1.3). The int4 k
 PyTorch's, SmolLM2's 120 linears in one process (load 1.1-1.2): 3.5 vs 3.9 ms at 1 row, 4.6 vs
 6.4 at 4, 8.3-10.3 vs 11.5-13.2 at 8.
 
-The attention softmax and the fused layers' SiLU take their exps 16 at a time (csrc/vexp.h; 1 ulp
-from glibc's expf at worst over [-103, 88], and tested against float64): a scalar expf was ~10 ns here, and the
-fused layers' SiLU ran on one thread. 30 layers of 32-row decode attention: 15.8-20.7 vs 21.5-23.6
-ms; served, alternated three times against the commit before (load 0.6-2.2): 8 streams 183-211 vs
-144-183 tok/s, 32 streams 253-326 vs 255-292, one stream level.
+The attention softmax and the fused layers' SiLU take their exps 16 at a time (csrc/vexp.h; at
+worst 1 ulp from glibc's expf over [-103, 88], and tested against float64): a scalar expf was
+~10 ns on an Intel Xeon guest, and the fused layers' SiLU ran on one thread. 30 layers of 32-row
+decode attention there: 15.8-20.7 vs 21.5-23.6 ms (load not recorded); served against the commit
+before, alternated three times (load 0.6-2.2): 8 streams 183-211 vs 144-183 tok/s, 32 streams
+253-326 vs 255-292, one stream level.
 
-Top-p (csrc/top_p.c): the nucleus of each row from the tokens above a threshold, sorted, instead
-of a `topk` over the vocabulary. 32 rows of SmolLM2's logits, 2 threads, Intel Xeon guest: the
-whole sampled draw 7.3-13 ms against greedy's 1.7 ms, most of it `topk(256)`.
+Top-p (csrc/top_p.c): each row's tokens above a threshold, radix-sorted, instead of a `topk(256)`
+over the vocabulary. 32 rows of SmolLM2's logits, 2 threads, same guest, same process as the
+torch path it replaces (load not recorded): the sampled draw 2.7-2.9 ms against 4.6-13 ms, greedy's
+1.1-1.7 ms.
 
 Why a C file and ctypes, not a PyTorch C++ extension: both files compile in ~0.8 s with the system
 C compiler (torch's headers take ~40 s), need no ninja, and a call releases the GIL. It links
