@@ -102,3 +102,15 @@ def test_the_entry_is_keyed_by_the_files_state(model_path: Path, tmp_path: Path)
     after = _cache_file(tmp_path, copy)
     assert before != after
     assert before.name.split(".")[:2] == after.name.split(".")[:2]  # same source: the old entry gets replaced
+
+
+def test_cached_tokenizer_hands_llguidance_the_same_tokenizer_json(
+    converted_and_cached: tuple[HFTokenizer, HFTokenizer],
+) -> None:
+    converted, cached = converted_and_cached
+    # the cached one returns its saved text instead of serializing again: the same tokenizer either way
+    assert cached.backend_json() == cached._saved["tokenizer"]  # type: ignore[index]
+    assert json.loads(cached.backend_json()) == json.loads(converted.backend_json())
+    padded = HFTokenizer.from_saved(cached.saved())
+    padded._backend.enable_padding(length=8)
+    assert json.loads(padded.backend_json())["padding"] is None  # padding set after loading is still switched off
