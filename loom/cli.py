@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from loom.api.limits import add_limit_flags, limits_from_args
@@ -177,16 +176,17 @@ class _StartupHeap:
         return self
 
     def end(self) -> None:
-        if gc.isenabled():
-            return
-        gc.freeze()
+        if not gc.isenabled():
+            gc.freeze()
+            self._restore()
+
+    def __exit__(self, *exc: object) -> None:
+        if not gc.isenabled():  # start-up failed before `end()`: nothing worth freezing
+            self._restore()
+
+    def _restore(self) -> None:
         gc.enable()
         sys.setswitchinterval(self._interval)
-
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        if not gc.isenabled():  # start-up failed: nothing worth freezing
-            gc.enable()
-            sys.setswitchinterval(self._interval)
 
 
 def serve(args: argparse.Namespace) -> int:
