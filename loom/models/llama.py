@@ -41,6 +41,7 @@ from loom.models.native import (
     native_layer_ops_supported,
     rms_norm,
     rope_and_write,
+    silu_mul,
 )
 from loom.models.prepared import LINEAR_NAMES, PreparedWeights
 
@@ -151,7 +152,10 @@ class DecoderLayer(nn.Module):
             attn = paged_attention(q, kv_new, kv_cache, meta)
         hidden = hidden + apply_linear(o_proj, attn.reshape(num_tokens, -1), nq)
         x = self._norm(hidden, post_attn_norm, native)
-        gate, up = apply_linear(gate_up_proj, x, nq).split(self.intermediate_size, dim=-1)
+        gate_up = apply_linear(gate_up_proj, x, nq)
+        if native:
+            return hidden + apply_linear(down_proj, silu_mul(gate_up), nq)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return hidden + apply_linear(down_proj, F.silu(gate) * up, nq)
 
     def _norm(self, hidden: torch.Tensor, weight: torch.Tensor, native: bool) -> torch.Tensor:

@@ -97,7 +97,7 @@ def native_decode_supported(
 
 
 def native_layer_ops_supported(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
-    """Whether `rms_norm` and `rope_and_write` run here for this model."""
+    """Whether `rms_norm`, `rope_and_write` and `silu_mul` run here for this model."""
     return dtype == torch.bfloat16 and device.type == "cpu" and head_dim <= MAX_HEAD_DIM and _library() is not None
 
 
@@ -218,6 +218,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`F.silu(gate) * up` for `gate_up` `[rows, 2 * intermediate]` bf16 (gate | up), into a new tensor."""
+    lib = _library()
+    assert lib is not None and gate_up.dtype == torch.bfloat16
+    gate_up = gate_up.contiguous()
+    rows, intermediate = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, intermediate, dtype=gate_up.dtype)
+    lib.loom_silu_mul_bf16(gate_up.data_ptr(), rows, intermediate, out.data_ptr())
+    return out
+
+
 def rope_and_write(
     qkv: torch.Tensor,  # [T, heads + 2*kv_heads, hd] bf16, rows contiguous
     cos: torch.Tensor,  # [T, 1, hd] (RotaryEmbedding.tables)
@@ -291,6 +302,8 @@ def _library() -> ctypes.CDLL | None:
     lib.loom_exp_f32.argtypes = [_PTR, _PTR, _I64]
     lib.loom_top_p_draw.restype = ctypes.c_int
     lib.loom_top_p_draw.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
+    lib.loom_silu_mul_bf16.restype = None
+    lib.loom_silu_mul_bf16.argtypes = [_PTR, _I64, _I64, _PTR]
     lib.loom_decode_layers.restype = ctypes.c_int
     lib.loom_decode_layers.argtypes = (
         [_PTR, _I64, _PTR] + [_I64] * 6 + [_PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _F32, _F32]

@@ -1,5 +1,6 @@
 """The native layer steps give what the torch path gives: RMSNorm with F.rms_norm's roundings, and
-RoPE plus the cache write as `RotaryEmbedding.apply_` and `index_copy_` do them; the library is
+RoPE plus the cache write as `RotaryEmbedding.apply_` and `index_copy_` do them, the MLP's
+activation as `F.silu(gate) * up`; the library is
 built once per machine, and without a working compiler everything runs on the torch path."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from loom.models import native, timing
 from loom.models.llama import RotaryEmbedding
-from loom.models.native import native_layer_ops_supported, rms_norm, rope_and_write
+from loom.models.native import native_layer_ops_supported, rms_norm, rope_and_write, silu_mul
 
 pytestmark = pytest.mark.skipif(
     not native_layer_ops_supported(torch.bfloat16, torch.device("cpu"), 64), reason="no C compiler"
@@ -35,6 +36,19 @@ def test_rms_norm_matches_the_torch_path(rows: int) -> None:
     # the same roundings: at most one bf16 step apart where float32 sums in another order tip one
     diff = (ours.float() - theirs.float()).abs()
     assert bool((diff <= theirs.float().abs() * 2**-7 + 1e-6).all())
+    assert float((ours != theirs).float().mean()) < 0.01
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_silu_mul_matches_the_torch_path(rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    gate_up = (torch.randn(rows, 2 * 1536, generator=gen) * 4).to(torch.bfloat16)
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp's ends and zero
+    gate, up = gate_up.split(1536, dim=-1)
+    ours, theirs = silu_mul(gate_up), F.silu(gate) * up
+    # the same two roundings; another exp can tip one bf16 step where a value sits on a boundary
+    diff = (ours.float() - theirs.float()).abs()
+    assert bool((diff <= theirs.float().abs() * 2**-7 + 1e-30).all())
     assert float((ours != theirs).float().mean()) < 0.01
 
 

@@ -61,6 +61,16 @@ static void silu_mul(const uint16_t *gate, const uint16_t *up, uint16_t *act, in
     }
 }
 
+/* The layer-by-layer path's MLP activation (rows past the fused decode's, prefill chunks): gate_up
+   [rows, 2 * intermediate] (gate | up) into act [rows, intermediate], one pass where F.silu(gate) * up
+   is two kernels and a bf16 temporary. */
+void loom_silu_mul_bf16(const uint16_t *gate_up, int64_t rows, int64_t intermediate, uint16_t *act) {
+#pragma omp parallel for schedule(static) if (rows * intermediate >= 16384)
+    for (int64_t r = 0; r < rows; r++)
+        silu_mul(gate_up + r * 2 * intermediate, gate_up + r * 2 * intermediate + intermediate,
+                 act + r * intermediate, intermediate);
+}
+
 int loom_decode_layers(uint16_t *hidden, int64_t rows, const int64_t *layers, int64_t num_layers,
                        int64_t hidden_size, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                        int64_t intermediate, const uint16_t *cos, const uint16_t *signed_sin, const int64_t *slots,

@@ -23,18 +23,43 @@
 #define GROUP_MAX 16
 #define BLOCK_MAX 64
 
+#ifdef LOOM_AVX512BF16
+/* Lane t of the result is the sum of the 16 lanes of v[SUM16_SLOT[t]]: four rounds of shuffles and
+   adds for 16 vectors, where a horizontal sum of each takes four rounds per vector. The slot
+   order undoes where the rounds leave each sum (the two bits of each half of t reversed). */
+static const int SUM16_SLOT[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+
+static inline __m512 sum16(const __m512 v[16]) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) /* 256-bit halves: v[i]'s in the low half, v[i + 8]'s in the high */
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xee));
+    for (int i = 0; i < 4; i++) /* 128-bit quarters */
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], 0x88), _mm512_shuffle_f32x4(a[i], a[i + 4], 0xdd));
+    for (int i = 0; i < 2; i++) /* pairs within each quarter */
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[i], b[i + 2], 0x44), _mm512_shuffle_ps(b[i], b[i + 2], 0xee));
+    return _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88), _mm512_shuffle_ps(c[0], c[1], 0xdd));
+}
+#endif
+
 /* s[g][t] = q_g . k_t for the n key rows at k (unscaled) */
 static inline void block_scores(const uint16_t *qb, float qf[][HD_MAX], int64_t group, int64_t hd,
                                 const uint16_t *k, int64_t n, float s[][BLOCK_MAX]) {
 #ifdef LOOM_AVX512BF16
-    if (hd % 32 == 0) { /* bf16 pairs multiplied exactly, summed in float32 */
-        for (int64_t t = 0; t < n; t++)
-            for (int64_t g = 0; g < group; g++) {
-                __m512 acc = _mm512_setzero_ps();
-                for (int64_t i = 0; i < hd; i += 32)
-                    acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qb + g * hd + i),
-                                           (__m512bh)_mm512_loadu_si512(k + t * hd + i));
-                s[g][t] = _mm512_reduce_add_ps(acc);
+    if (hd % 32 == 0) { /* bf16 pairs multiplied exactly, summed in float32, 16 keys reduced at once */
+        for (int64_t g = 0; g < group; g++)
+            for (int64_t t0 = 0; t0 < n; t0 += 16) {
+                const int64_t m = n - t0 < 16 ? n - t0 : 16;
+                __m512 acc[16];
+#pragma GCC unroll 16
+                for (int t = 0; t < 16; t++) {
+                    __m512 a = _mm512_setzero_ps();
+                    if (t < m)
+                        for (int64_t i = 0; i < hd; i += 32)
+                            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qb + g * hd + i),
+                                                 (__m512bh)_mm512_loadu_si512(k + (t0 + t) * hd + i));
+                    acc[SUM16_SLOT[t]] = a;
+                }
+                _mm512_mask_storeu_ps(s[g] + t0, (__mmask16)((1u << m) - 1), sum16(acc));
             }
         return;
     }
