@@ -47,7 +47,13 @@ import torch.nn.functional as F
 from loom.engine.logits_processors import apply_logits_processors
 from loom.engine.logprobs import TokenLogprob
 from loom.engine.sampling_batch import SamplingBatch
-from loom.models.native import native_top_p_supported, top_p_draw
+from loom.models.native import (
+    LOGPROB_TOP_MAX,
+    logprob_ranks,
+    native_logprobs_supported,
+    native_top_p_supported,
+    top_p_draw,
+)
 
 _NEG_INF = float("-inf")
 _DRAW_BLOCK = 1024  # tokens per block of the two-level draw (`_draw`)
@@ -64,19 +70,35 @@ class SamplerOutput:
 def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: list[int]) -> list[TokenLogprob]:
     """Per row of `logprobs` `[N, vocab]`: token_ids[n]'s logprob, its rank and the num_top[n] best."""
     chosen = logprobs.gather(1, token_ids.unsqueeze(1))  # [N, 1]
-    ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
     k = min(max(num_top, default=0), logprobs.shape[1])
     top_ids: list[list[int]] = [[] for _ in num_top]
     top_values: list[list[float]] = [[] for _ in num_top]
-    if k > 0:
-        values, ids = logprobs.topk(k, dim=1)  # [N, k], best first
-        top_ids, top_values = ids.tolist(), values.tolist()
+    if _native_ranks(logprobs, k):  # one pass per row: 32 x 49,152 ~2.3 ms on the torch path
+        rank_t, ids, values = logprob_ranks(logprobs, token_ids, k)
+        ranks = rank_t.tolist()
+        if k > 0:
+            top_ids, top_values = ids.tolist(), values.tolist()
+    else:
+        ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
+        if k > 0:
+            values, ids = logprobs.topk(k, dim=1)  # [N, k], best first
+            top_ids, top_values = ids.tolist(), values.tolist()
     return [
         TokenLogprob(tid, lp, rank, tuple(zip(ids_n[:kn], vals_n[:kn], strict=True)))
         for tid, lp, rank, ids_n, vals_n, kn in zip(
             token_ids.tolist(), chosen.squeeze(1).tolist(), ranks, top_ids, top_values, num_top, strict=True
         )
     ]
+
+
+def _native_ranks(logprobs: torch.Tensor, k: int) -> bool:
+    return (
+        logprobs.device.type == "cpu"
+        and logprobs.dtype == torch.float32
+        and logprobs.stride(-1) == 1
+        and k <= LOGPROB_TOP_MAX
+        and native_logprobs_supported()
+    )
 
 
 class Sampler:

@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (
     CSRC / "paged_decode.c", CSRC / "layer_ops.c", CSRC / "q8_matmul.c", CSRC / "int4_matmul.c", CSRC / "decode_layers.c",
-    CSRC / "top_p.c", CSRC / "vexp.c",
+    CSRC / "top_p.c", CSRC / "vexp.c", CSRC / "logprob_ranks.c",
 )  # fmt: skip
 HEADERS = (CSRC / "bf16.h", CSRC / "int4_matmul.h", CSRC / "vexp.h")
 FLAGS = (
@@ -78,6 +78,7 @@ FLAGS = (
 MAX_HEAD_DIM, MAX_GROUP, MAX_BLOCK_SIZE = 256, 16, 64  # the kernel's stack buffers (csrc/paged_decode.c)
 Q8_MAX_ROWS = 16  # activation rows per q8_0_matmul call (csrc/q8_matmul.c)
 INT4_MAX_ROWS = 16  # activation rows per int4_matmul / decode_layers call (csrc/int4_matmul.h)
+LOGPROB_TOP_MAX = 64  # the most best tokens logprob_ranks returns per row (csrc/logprob_ranks.c)
 INT4_TILE_ROWS = 16  # output rows per tile of the int4 kernel's weight layout
 LAYER_FIELDS = 15  # pointers per layer in decode_layers' table (csrc/decode_layers.c)
 BUILD_TIMEOUT_S = 120
@@ -153,6 +154,31 @@ def top_p_draw(probs: torch.Tensor, p: torch.Tensor, uniform: torch.Tensor, min_
     if status != 0:
         raise MemoryError("the top-p kernel could not allocate its scratch memory")
     return out
+
+
+def native_logprobs_supported() -> bool:
+    return _library() is not None
+
+
+def logprob_ranks(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of `logprobs` `[rows, vocab]` float32: 1 + how many tokens score strictly above
+    `token_ids[row]`, and the `k` best token ids and values, best first, ties in index order
+    (csrc/logprob_ranks.c); `[rows]`, `[rows, k]`, `[rows, k]`."""
+    lib = _library()
+    assert lib is not None and logprobs.dtype == torch.float32 and logprobs.stride(-1) == 1
+    rows, vocab = logprobs.shape
+    if not 0 <= k <= min(LOGPROB_TOP_MAX, vocab):
+        raise ValueError(f"logprob_ranks returns 0-{min(LOGPROB_TOP_MAX, vocab)} best tokens, not {k}")
+    chosen = token_ids.to(torch.long).contiguous()
+    ranks = torch.empty(rows, dtype=torch.long)
+    ids, values = torch.empty(rows, k, dtype=torch.long), torch.empty(rows, k, dtype=torch.float32)
+    lib.loom_logprob_ranks(
+        logprobs.data_ptr(), rows, vocab, logprobs.stride(0), chosen.data_ptr(), k, ranks.data_ptr(),
+        ids.data_ptr(), values.data_ptr(),
+    )  # fmt: skip
+    return ranks, ids, values
 
 
 def int4_tiles(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -302,6 +328,8 @@ def _library() -> ctypes.CDLL | None:
     lib.loom_exp_f32.argtypes = [_PTR, _PTR, _I64]
     lib.loom_top_p_draw.restype = ctypes.c_int
     lib.loom_top_p_draw.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
+    lib.loom_logprob_ranks.restype = ctypes.c_int
+    lib.loom_logprob_ranks.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR]
     lib.loom_silu_mul_bf16.restype = None
     lib.loom_silu_mul_bf16.argtypes = [_PTR, _I64, _I64, _PTR]
     lib.loom_decode_layers.restype = ctypes.c_int

@@ -26,6 +26,7 @@ from loom.engine.sampler import token_logprobs
 from loom.engine.sampling_params import SamplingParams
 from loom.engine.scheduler import CoreOutput, Scheduler, SchedulerConfig, SchedulerOutput
 from loom.models.llama import LlamaModel
+from loom.models.native import logprob_ranks, native_logprobs_supported
 from loom.models.registry import load_model
 from loom.tokenizer import load_tokenizer
 
@@ -56,6 +57,25 @@ def test_token_logprobs_rank_and_top_k_best_first() -> None:
     records = token_logprobs(logprobs, torch.tensor([2, 2]), [2, 0])
     assert records[0] == TokenLogprob(2, -2.0, 3, ((1, -0.5), (3, -1.0)))
     assert records[1] == TokenLogprob(2, pytest.approx(-0.2), 1, ())  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not native_logprobs_supported(), reason="no C compiler")
+@pytest.mark.parametrize("k", [0, 1, 5, 20])
+def test_the_native_ranks_and_best_tokens_are_the_torch_paths(k: int) -> None:
+    gen = torch.Generator().manual_seed(k)
+    logprobs = (torch.randn(7, 49_157, generator=gen) * 3).log_softmax(dim=-1)  # not a multiple of 16
+    logprobs[1, 100:140] = logprobs[1].max() + 1  # a tie for first place: index order, as topk keeps it
+    logprobs[2, -1] = logprobs[2].max() + 1  # the best token in the tail past the last full vector
+    chosen = torch.tensor([0, 120, 49_156, 7, 8, 9, 10])
+    chosen[3] = logprobs[3].argmax()  # rank 1
+    chosen[4] = logprobs[4].argmin()  # last
+    ranks, ids, values = logprob_ranks(logprobs, chosen, k)
+    assert ranks.tolist() == ((logprobs > logprobs.gather(1, chosen[:, None])).sum(dim=1) + 1).tolist()
+    top_values, top_ids = logprobs.topk(k, dim=1)
+    assert torch.equal(values, top_values)
+    untied = [0, *range(2, 7)]
+    assert torch.equal(ids[untied], top_ids[untied])
+    assert ids[1].tolist() == list(range(100, 100 + k))
 
 
 def test_no_row_asking_means_no_logprobs() -> None:
