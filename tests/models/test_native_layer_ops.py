@@ -52,6 +52,18 @@ def test_silu_mul_matches_the_torch_path(rows: int) -> None:
     assert float((ours != theirs).float().mean()) < 0.01
 
 
+def test_silu_mul_rounds_as_torch_rounds() -> None:
+    """Where exp(-gate) vanishes, silu(gate) is gate, so only the two bf16 roundings are left: bit
+    for bit, ties to even and NaN included."""
+    gen = torch.Generator().manual_seed(0)
+    gate = (torch.rand(3, 1536, generator=gen) * 80 + 20).to(torch.bfloat16)
+    up = torch.randn(3, 1536, generator=gen).to(torch.bfloat16)
+    up[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    ours, theirs = silu_mul(torch.cat([gate, up], dim=1)), F.silu(gate) * up
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    assert torch.equal(ours.nan_to_num(0.0), theirs.nan_to_num(0.0))
+
+
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(9, 3, 64), (4, 4, 128), (8, 2, 32)])
 def test_rope_and_cache_write_match_the_torch_path(num_heads: int, num_kv_heads: int, head_dim: int) -> None:
     gen = torch.Generator().manual_seed(head_dim)

@@ -36,7 +36,12 @@ static Int4Weight weight_at(const int64_t *fields, int64_t n, int64_t k) {
 }
 
 static void add_into(uint16_t *hidden, const uint16_t *delta, int64_t count) { /* hidden + delta, rounded once */
-    for (int64_t i = 0; i < count; i++) hidden[i] = f32_to_bf16(bf16_to_f32(hidden[i]) + bf16_to_f32(delta[i]));
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= count; i += 16)
+        f32x16_to_bf16(_mm512_add_ps(bf16x16_to_f32(hidden + i), bf16x16_to_f32(delta + i)), hidden + i);
+#endif
+    for (; i < count; i++) hidden[i] = f32_to_bf16(bf16_to_f32(hidden[i]) + bf16_to_f32(delta[i]));
 }
 
 /* act = bf16(silu(gate)) * up, each rounded as torch rounds; the exps 16 at a time where AVX-512
@@ -45,13 +50,11 @@ static void silu_mul(const uint16_t *gate, const uint16_t *up, uint16_t *act, in
     int64_t i = 0;
 #if defined(__AVX512F__)
     for (; i + 16 <= n; i += 16) {
-        const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(gate + i)));
-        const __m512 g = _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+        const __m512 g = bf16x16_to_f32(gate + i);
         const __m512 e = loom_exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
-        float silu[16];
-        _mm512_storeu_ps(silu, _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
-        for (int j = 0; j < 16; j++)
-            act[i + j] = f32_to_bf16(bf16_to_f32(f32_to_bf16(silu[j])) * bf16_to_f32(up[i + j]));
+        uint16_t silu[16];
+        f32x16_to_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), silu);
+        f32x16_to_bf16(_mm512_mul_ps(bf16x16_to_f32(silu), bf16x16_to_f32(up + i)), act + i);
     }
 #endif
     for (; i < n; i++) {

@@ -39,11 +39,6 @@ static const uint16_t CENTRED_BF16[32] = {
 };
 #endif
 
-#ifdef __AVX512F__
-static inline __m512 bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-#endif
 
 /* One tile of 16 output rows against `tile` activation rows; out[r * out_stride + 16 * t + lane]. */
 static inline __attribute__((always_inline)) void int4_tile(const Int4Weight *w, int64_t t, const float *xf,
@@ -88,7 +83,7 @@ static inline __attribute__((always_inline)) void int4_tile(const Int4Weight *w,
             }
 #endif
         }
-        const __m512 scale = bf16x16(s + 16 * b), zero = bf16x16(z + 16 * b);
+        const __m512 scale = bf16x16_to_f32(s + 16 * b), zero = bf16x16_to_f32(z + 16 * b);
         for (int64_t r = 0; r < tile; r++) {
             acc[r] = _mm512_fmadd_ps(part[r], scale, acc[r]);
             acc[r] = _mm512_fmadd_ps(zero, _mm512_set1_ps(sums[r * nb + b]), acc[r]);
