@@ -26,14 +26,22 @@ static inline __m512 bf16x16_to_f32(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* 16 values at once, bit for bit as f32_to_bf16 */
-static inline void f32x16_to_bf16(__m512 x, uint16_t *p) {
+/* 16 values at once, bit for bit as f32_to_bf16, the bf16 bits in the high half of each lane */
+static inline __m512i f32x16_round_bf16_bits(__m512 x) {
     const __m512i u = _mm512_castps_si512(x);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
     const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(r));
+    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+}
+
+static inline void f32x16_to_bf16(__m512 x, uint16_t *p) {
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(f32x16_round_bf16_bits(x), 16)));
+}
+
+/* bf16_to_f32(f32_to_bf16(x)) for 16 values */
+static inline __m512 f32x16_round_bf16(__m512 x) {
+    return _mm512_castsi512_ps(_mm512_and_si512(f32x16_round_bf16_bits(x), _mm512_set1_epi32((int)0xffff0000u)));
 }
 #endif
 

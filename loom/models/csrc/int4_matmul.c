@@ -143,7 +143,13 @@ void int4_matmul_bf16(const Int4Weight *w, const uint16_t *x, int64_t x_stride, 
         if (lo < hi) {
             int4_rows(w, xf, x, x_stride, sums, rows, lo, hi, y, n);
             for (int64_t r = 0; r < rows; r++)
-                for (int64_t o = 16 * lo; o < 16 * hi; o++) out[r * out_stride + o] = f32_to_bf16(y[r * n + o]);
+                for (int64_t o = 16 * lo; o < 16 * hi; o += 16) {
+#ifdef __AVX512F__
+                    f32x16_to_bf16(_mm512_loadu_ps(y + r * n + o), out + r * out_stride + o);
+#else
+                    for (int64_t j = o; j < o + 16; j++) out[r * out_stride + j] = f32_to_bf16(y[r * n + j]);
+#endif
+                }
         }
     }
 }

@@ -17,7 +17,13 @@ void loom_rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out
         for (int64_t i = 0; i < dim; i++) sum += bf16_to_f32(h[i]) * bf16_to_f32(h[i]);
         const float rstd = 1.f / sqrtf(sum / (float)dim + eps);
         uint16_t *o = out + r * dim;
-        for (int64_t i = 0; i < dim; i++) o[i] = f32_to_bf16(bf16_to_f32(h[i]) * rstd * bf16_to_f32(weight[i]));
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        for (; i + 16 <= dim; i += 16)
+            f32x16_to_bf16(_mm512_mul_ps(_mm512_mul_ps(bf16x16_to_f32(h + i), _mm512_set1_ps(rstd)),
+                                         bf16x16_to_f32(weight + i)), o + i);
+#endif
+        for (; i < dim; i++) o[i] = f32_to_bf16(bf16_to_f32(h[i]) * rstd * bf16_to_f32(weight[i]));
     }
 }
 
@@ -36,8 +42,20 @@ void loom_rope_write_bf16(uint16_t *qkv, int64_t row_stride, const uint16_t *cos
         for (int64_t h = 0; h < num_heads + num_kv_heads; h++) {
             uint16_t *x = row + h * head_dim;
             float orig[256]; /* head_dim <= 256 (native.py checks) */
-            for (int64_t i = 0; i < head_dim; i++) orig[i] = bf16_to_f32(x[i]);
-            for (int64_t i = 0; i < head_dim; i++) {
+            int64_t i = 0;
+#if defined(__AVX512F__)
+            if (half % 16 == 0) { /* 16 at a time: a rolled chunk never wraps */
+                for (; i < head_dim; i += 16) _mm512_storeu_ps(orig + i, bf16x16_to_f32(x + i));
+                for (i = 0; i < head_dim; i += 16) {
+                    const __m512 a = f32x16_round_bf16(_mm512_mul_ps(_mm512_loadu_ps(orig + i), bf16x16_to_f32(c + i)));
+                    const __m512 rolled = _mm512_loadu_ps(orig + (i + half) % head_dim);
+                    f32x16_to_bf16(_mm512_fmadd_ps(rolled, bf16x16_to_f32(s + i), a), x + i);
+                }
+                continue;
+            }
+#endif
+            for (; i < head_dim; i++) orig[i] = bf16_to_f32(x[i]);
+            for (i = 0; i < head_dim; i++) {
                 const float rolled = orig[(i + half) % head_dim];
                 x[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(orig[i] * bf16_to_f32(c[i]))) + rolled * bf16_to_f32(s[i]));
             }

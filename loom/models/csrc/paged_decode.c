@@ -162,7 +162,12 @@ static void one_head(const uint16_t *cache, int64_t num_slots, const uint16_t *q
     }
     for (int64_t g = 0; g < group; g++) {
         const float inv = 1.f / l[g];
-        for (int64_t i = 0; i < hd; i++) ob[g * hd + i] = f32_to_bf16(acc[g][i] * inv);
+        int64_t i = 0;
+#if defined(__AVX512F__)
+        for (; i + 16 <= hd; i += 16)
+            f32x16_to_bf16(_mm512_mul_ps(_mm512_loadu_ps(acc[g] + i), _mm512_set1_ps(inv)), ob + g * hd + i);
+#endif
+        for (; i < hd; i++) ob[g * hd + i] = f32_to_bf16(acc[g][i] * inv);
     }
 }
 
