@@ -11,7 +11,10 @@ path's bf16 scores). SmolLM2 shapes, 30 layers of ~220-token contexts spread ove
 The kernel sums each key's dot products 16 keys at a time (one shuffle tree for 16 sums, where a
 horizontal sum per key took four rounds of its own): 30 layers of 32-row decode over ~225-token
 contexts, 2-core Intel Xeon guest with AMX, old and new alternated three times (load 0.5-1.2):
-16.7-17.8 vs 17.8-19.6 ms best.
+16.7-17.8 vs 17.8-19.6 ms best. For the common head shapes every head's value sums then stay in
+registers through a block, each V row converted once for the whole group, and the softmax's
+scale and max run 16 at a time: 12.3-12.9 vs 15.4-16.4 ms best (alternated three times, load
+0.4-0.7).
 
 Layer steps (csrc/layer_ops.c): a bf16 decoder layer's RMSNorms, and its RoPE with the K/V cache
 write, each one pass. At one decode row a step is mostly small kernels: F.rms_norm alone is 8 of

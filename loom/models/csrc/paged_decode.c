@@ -93,6 +93,29 @@ static inline __attribute__((always_inline)) void block_values(const uint16_t *v
     }
 }
 
+#if defined(__AVX512F__)
+/* The same sums with every head's accumulators in registers through the block (group x hd / 16 of
+   them, constants where it is called), each V row converted once and used by every head of the
+   group: the generic version stores the converted block and reloads it per head. */
+static inline __attribute__((always_inline)) void block_values_regs(const uint16_t *v, int64_t n, const int64_t group,
+                                                                    const int64_t hd, float s[][BLOCK_MAX],
+                                                                    float acc[][HD_MAX]) {
+    __m512 a[4][8];
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t c = 0; c < hd / 16; c++) a[g][c] = _mm512_loadu_ps(acc[g] + 16 * c);
+    for (int64_t t = 0; t < n; t++) {
+        __m512 row[8];
+        for (int64_t c = 0; c < hd / 16; c++) row[c] = bf16x16_to_f32(v + t * hd + 16 * c);
+        for (int64_t g = 0; g < group; g++) {
+            const __m512 p = _mm512_set1_ps(s[g][t]);
+            for (int64_t c = 0; c < hd / 16; c++) a[g][c] = _mm512_fmadd_ps(p, row[c], a[g][c]);
+        }
+    }
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t c = 0; c < hd / 16; c++) _mm512_storeu_ps(acc[g] + 16 * c, a[g][c]);
+}
+#endif
+
 /* s[t] = exp(s[t] - shift) for t < n; returns their sum */
 static inline float exp_shifted(float *s, int64_t n, float shift) {
     float sum = 0.f;
@@ -143,16 +166,41 @@ static void one_head(const uint16_t *cache, int64_t num_slots, const uint16_t *q
         block_scores(qb, qf, group, hd, kbase + slot0 * hd, n, s);
         for (int64_t g = 0; g < group; g++) { /* online softmax: rescale what was summed under the old max */
             float bm = m[g];
+#if defined(__AVX512F__)
+            __m512 vbm = _mm512_set1_ps(bm);
+            for (int64_t t = 0; t < n; t += 16) {
+                const __mmask16 live = n - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - t)) - 1);
+                const __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, s[g] + t), _mm512_set1_ps(scale));
+                _mm512_mask_storeu_ps(s[g] + t, live, x);
+                vbm = _mm512_mask_max_ps(vbm, live, vbm, x);
+            }
+            bm = _mm512_reduce_max_ps(vbm);
+#else
             for (int64_t t = 0; t < n; t++) {
                 s[g][t] *= scale;
                 bm = s[g][t] > bm ? s[g][t] : bm;
             }
+#endif
             const float corr = expf(m[g] - bm);
             l[g] *= corr;
             for (int64_t i = 0; i < hd; i++) acc[g][i] *= corr;
             l[g] += exp_shifted(s[g], n, bm);
             m[g] = bm;
         }
+        const uint16_t *vb = vbase + slot0 * hd;
+#if defined(__AVX512F__)
+        if (hd == 64 && group == 3) /* SmolLM2's 9 / 3 heads */
+            block_values_regs(vb, n, 3, 64, s, acc);
+        else if (hd == 64 && group == 4)
+            block_values_regs(vb, n, 4, 64, s, acc);
+        else if (hd == 64 && group == 1)
+            block_values_regs(vb, n, 1, 64, s, acc);
+        else if (hd == 128 && group == 2)
+            block_values_regs(vb, n, 2, 128, s, acc);
+        else if (hd == 128 && group == 1)
+            block_values_regs(vb, n, 1, 128, s, acc);
+        else
+#endif
         if (hd == 64)
             block_values(vbase + slot0 * hd, n, group, 64, s, acc);
         else if (hd == 128)
