@@ -71,18 +71,12 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: lis
     """Per row of `logprobs` `[N, vocab]`: token_ids[n]'s logprob, its rank and the num_top[n] best."""
     chosen = logprobs.gather(1, token_ids.unsqueeze(1))  # [N, 1]
     k = min(max(num_top, default=0), logprobs.shape[1])
-    top_ids: list[list[int]] = [[] for _ in num_top]
-    top_values: list[list[float]] = [[] for _ in num_top]
     if _native_ranks(logprobs, k):  # one pass per row: 32 x 49,152 ~2.3 ms on the torch path
         rank_t, ids, values = logprob_ranks(logprobs, token_ids, k)
-        ranks = rank_t.tolist()
-        if k > 0:
-            top_ids, top_values = ids.tolist(), values.tolist()
     else:
-        ranks = ((logprobs > chosen).sum(dim=1) + 1).tolist()
-        if k > 0:
-            values, ids = logprobs.topk(k, dim=1)  # [N, k], best first
-            top_ids, top_values = ids.tolist(), values.tolist()
+        rank_t = (logprobs > chosen).sum(dim=1) + 1
+        values, ids = logprobs.topk(k, dim=1)  # [N, k], best first
+    ranks, top_ids, top_values = rank_t.tolist(), ids.tolist(), values.tolist()
     return [
         TokenLogprob(tid, lp, rank, tuple(zip(ids_n[:kn], vals_n[:kn], strict=True)))
         for tid, lp, rank, ids_n, vals_n, kn in zip(

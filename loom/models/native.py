@@ -192,10 +192,12 @@ def logprob_ranks(
     chosen = token_ids.to(torch.long).contiguous()
     ranks = torch.empty(rows, dtype=torch.long)
     ids, values = torch.empty(rows, k, dtype=torch.long), torch.empty(rows, k, dtype=torch.float32)
-    lib.loom_logprob_ranks(
+    status = lib.loom_logprob_ranks(
         logprobs.data_ptr(), rows, vocab, logprobs.stride(0), chosen.data_ptr(), k, ranks.data_ptr(),
         ids.data_ptr(), values.data_ptr(),
     )  # fmt: skip
+    if status != 0:
+        raise IndexError(f"a chosen token id is outside the vocabulary of {vocab}")
     return ranks, ids, values
 
 

@@ -76,6 +76,8 @@ def test_the_native_ranks_and_best_tokens_are_the_torch_paths(k: int) -> None:
     untied = [0, *range(2, 7)]
     assert torch.equal(ids[untied], top_ids[untied])
     assert ids[1].tolist() == list(range(100, 100 + k))
+    with pytest.raises(IndexError):
+        logprob_ranks(logprobs, torch.tensor([0, 1, 2, 3, 4, 5, 49_157]), k)
 
 
 def test_no_row_asking_means_no_logprobs() -> None:

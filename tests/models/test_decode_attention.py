@@ -97,7 +97,16 @@ def test_the_torch_path_attends_each_request_to_its_own_context_only(
 @needs_compiler
 @pytest.mark.parametrize(
     ("num_heads", "num_kv_heads", "head_dim"),
-    [(NUM_HEADS, NUM_KV_HEADS, HEAD_DIM), (9, 3, 64), (8, 2, 64), (4, 4, 64), (4, 4, 128), (4, 2, 128), (8, 1, 48), (32, 2, 16)],
+    [
+        (NUM_HEADS, NUM_KV_HEADS, HEAD_DIM),
+        (9, 3, 64),
+        (8, 2, 64),
+        (4, 4, 64),
+        (4, 4, 128),
+        (4, 2, 128),
+        (8, 1, 48),
+        (32, 2, 16),
+    ],
 )
 @pytest.mark.parametrize("num_reqs", [1, 5, 33])
 def test_the_native_kernel_attends_each_request_to_its_own_context_only(

@@ -39,7 +39,6 @@ static const uint16_t CENTRED_BF16[32] = {
 };
 #endif
 
-
 /* One tile of 16 output rows against `tile` activation rows; out[r * out_stride + 16 * t + lane]. */
 static inline __attribute__((always_inline)) void int4_tile(const Int4Weight *w, int64_t t, const float *xf,
                                                             const uint16_t *xb, int64_t xb_stride,

@@ -50,11 +50,14 @@ static void one_row(const float *lp, int64_t vocab, int64_t chosen, int64_t k, i
     *rank = above + 1;
 }
 
-/* lp: [rows, vocab] float32, row r at lp + r * stride; chosen: [rows]; k <= LOGPROB_TOP_MAX and
- * <= vocab; rank: [rows]; top_ids, top_vals: [rows, k]. Returns 1 when k is out of range. */
+/* lp: [rows, vocab] float32, row r at lp + r * stride; chosen: [rows], each in [0, vocab); k <=
+ * LOGPROB_TOP_MAX and <= vocab; rank: [rows]; top_ids, top_vals: [rows, k]. Returns 1 when k is out
+ * of range, 2 when a chosen id is, having written nothing. */
 int loom_logprob_ranks(const float *lp, int64_t rows, int64_t vocab, int64_t stride, const int64_t *chosen,
                        int64_t k, int64_t *rank, int64_t *top_ids, float *top_vals) {
     if (k < 0 || k > LOGPROB_TOP_MAX || k > vocab) return 1;
+    for (int64_t r = 0; r < rows; r++)
+        if (chosen[r] < 0 || chosen[r] >= vocab) return 2;
 #pragma omp parallel for schedule(static) if (rows > 1)
     for (int64_t r = 0; r < rows; r++)
         one_row(lp + r * stride, vocab, chosen[r], k, rank + r, top_ids + r * k, top_vals + r * k);

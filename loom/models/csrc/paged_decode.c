@@ -202,11 +202,11 @@ static void one_head(const uint16_t *cache, int64_t num_slots, const uint16_t *q
         else
 #endif
         if (hd == 64)
-            block_values(vbase + slot0 * hd, n, group, 64, s, acc);
+            block_values(vb, n, group, 64, s, acc);
         else if (hd == 128)
-            block_values(vbase + slot0 * hd, n, group, 128, s, acc);
+            block_values(vb, n, group, 128, s, acc);
         else
-            block_values(vbase + slot0 * hd, n, group, hd, s, acc);
+            block_values(vb, n, group, hd, s, acc);
     }
     for (int64_t g = 0; g < group; g++) {
         const float inv = 1.f / l[g];
