@@ -34,6 +34,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _rows(text: str) -> int:
+    rows = int(text)
+    if rows < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {rows}")
+    return rows
+
+
 def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "serve",
@@ -69,6 +76,16 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         help="weight-only quantized linears for steps of few rows (a dense copy serves larger steps); "
         "auto: int4 where the file's linears are Q4_1 (the file's own 4-bit values), else none. "
         "Prepared weights are cached in $LOOM_CACHE_DIR (default ~/.cache/loom; empty: no cache), keyed by the file, so a restart is quick",
+    )
+    p.add_argument(
+        "--small-batch-rows",
+        type=_rows,
+        default=None,
+        metavar="N",
+        help="decode steps of at most N rows take the weight-only quantized kernels (or bf16 beside a float32 "
+        "copy), larger ones the dense kernels; 0: never. Default: the crossover timed at start-up on this CPU "
+        "(kept in the cache directory). A fixed N keeps a greedy request's tokens the same alone and in "
+        "batches of up to N rows on any machine, whatever a timing would pick",
     )
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one running batch")
@@ -314,6 +331,7 @@ def _begin_engine(args: argparse.Namespace, quiet: threading.Event) -> _EngineLo
         enable_prefix_caching=args.enable_prefix_caching,
         grammar_fast_forward=args.grammar_fast_forward,
         quantization=args.quantization,
+        small_batch_rows=args.small_batch_rows,
         weight_cache_dir=default_cache_dir(),
     )
     print(f"loom: loading {names[0]} from {model_path} ({dtype}, quantization {args.quantization})", flush=True)

@@ -27,6 +27,8 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"  # "fcfs" | "priority" (lower `priority` value served first)
     enable_prefix_caching: bool = True  # share full KV blocks across requests by content hash
     quantization: str = "none"  # linear layers: "none" | "int8" | "int4" | "auto" (loom.models.linear)
+    # most decode rows of a step for the small-batch kernels (loom.models.linear); None: timed at build
+    small_batch_rows: int | None = None
     weight_cache_dir: Path | None = None  # prepared weights read from / written to here (loom.models.weight_cache)
     grammar_fast_forward: bool = True  # append the tokens a grammar forces without sampling each one
 

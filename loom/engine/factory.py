@@ -59,7 +59,12 @@ def begin_engine(
         torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
         keep_choices(config.weight_cache_dir, None if quiet is None else quiet.wait)
         model = load_model(
-            config.model_path, config.torch_dtype, progress, config.quantization, config.weight_cache_dir
+            config.model_path,
+            config.torch_dtype,
+            progress,
+            config.quantization,
+            config.weight_cache_dir,
+            config.small_batch_rows,
         )
         cfg = model.config
         max_model_len = resolve_max_model_len(config, cfg.max_position_embeddings)

@@ -103,7 +103,7 @@ def test_serve_help_lists_the_options() -> None:
     cmd = [loom] if loom else [sys.executable, "-m", "loom.cli"]
     out = subprocess.run([*cmd, "serve", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    for option in ("--max-model-len", "--model", "--dtype", "--port", "--kv-cache-gib"):
+    for option in ("--max-model-len", "--model", "--dtype", "--port", "--kv-cache-gib", "--small-batch-rows"):
         assert option in out.stdout
 
 
@@ -113,3 +113,9 @@ def test_serve_names_a_missing_model_and_exits_2(tmp_path: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2, done.stderr
     assert f"no model at {missing}" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_serve_refuses_a_negative_small_batch_row_count() -> None:
+    cmd = [sys.executable, "-m", "loom.cli", "serve", "--no-platform", "--small-batch-rows", "-1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2 and "--small-batch-rows: must be 0 or more, not -1" in done.stderr, done.stderr
