@@ -84,8 +84,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         metavar="N",
         help="decode steps of at most N rows take the weight-only quantized kernels (or bf16 beside a float32 "
         "copy), larger ones the dense kernels; 0: never. Default: the crossover timed at start-up on this CPU "
-        "(kept in the cache directory). A fixed N keeps a greedy request's tokens the same alone and in "
-        "batches of up to N rows on any machine, whatever a timing would pick",
+        "(kept in the cache directory); fixed, the kernels a step of a given size takes do not rest on a timing",
     )
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in one running batch")
