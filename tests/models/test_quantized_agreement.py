@@ -175,8 +175,10 @@ def test_int4_from_q4_1_scores_as_well_as_the_unquantized_bf16_model(
     print(report)  # shown with `pytest -s`: the numbers behind the default
     baseline = scores[(torch.bfloat16, "none")]
     assert baseline.top1 > 0.9, report  # the harness itself: bf16 mostly agrees with float32
-    # float32 activations around int4 linears: closer to the reference than bf16 is
-    assert scores[(torch.float32, "int4")].top1 >= baseline.top1, report
+    # float32 activations around int4 linears: closer to the reference than bf16 is, by KL. Top-1
+    # only within noise: where bf16 is not native, "bf16 none" multiplies in float32 and flipped 3
+    # fewer near-ties than float32 int4 on a 2-core AMD AVX2 guest (0.994 vs 0.984, KL 0.0006 vs 0.0003)
+    assert scores[(torch.float32, "int4")].top1 >= baseline.top1 - 0.03, report
     assert scores[(torch.float32, "int4")].kl <= baseline.kl, report
     # a bf16 model's int4: within noise of bf16 (320 positions: 0.03 is 10 tokens). Near-ties flip
     # top-1 either way: 7 tokens fewer on an Intel AMX guest (KL 0.0010 vs 0.0009), fewer than 6 on
