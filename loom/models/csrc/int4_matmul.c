@@ -16,7 +16,7 @@
 #include "bf16.h"
 #include "int4_matmul.h"
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -89,6 +89,39 @@ static inline __attribute__((always_inline)) void int4_tile(const Int4Weight *w,
         }
     }
     for (int64_t r = 0; r < tile; r++) _mm512_storeu_ps(out + r * out_stride + 16 * t, acc[r]);
+#elif defined(__AVX2__) && defined(__FMA__)
+    /* the 16 lanes as two halves of 8; code - 8 converted once per input pair for every row */
+    (void)xb, (void)xb_stride;
+    const __m256i low4 = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+    __m256 acc[INT4_TILE][2];
+    for (int64_t r = 0; r < tile; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256 part[INT4_TILE][2];
+        for (int64_t r = 0; r < tile; r++) part[r][0] = part[r][1] = _mm256_setzero_ps();
+        for (int64_t p = 0; p < 16; p++) {
+            const __m128i bytes = _mm_loadu_si128((const __m128i *)(q + (16 * b + p) * 16));
+            const __m256i lo = _mm256_cvtepu8_epi32(bytes), hi = _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
+            const __m256 w0[2] = {_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(lo, low4), eight)),
+                                  _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(hi, low4), eight))};
+            const __m256 w1[2] = {_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(lo, 4), eight)),
+                                  _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(hi, 4), eight))};
+            for (int64_t r = 0; r < tile; r++) {
+                const float *x = xf + r * k + 32 * b + 2 * p;
+                const __m256 x0 = _mm256_set1_ps(x[0]), x1 = _mm256_set1_ps(x[1]);
+                for (int h = 0; h < 2; h++)
+                    part[r][h] = _mm256_fmadd_ps(w1[h], x1, _mm256_fmadd_ps(w0[h], x0, part[r][h]));
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256 scale = bf16x8_to_f32(s + 16 * b + 8 * h), zero = bf16x8_to_f32(z + 16 * b + 8 * h);
+            for (int64_t r = 0; r < tile; r++) {
+                acc[r][h] = _mm256_fmadd_ps(part[r][h], scale, acc[r][h]);
+                acc[r][h] = _mm256_fmadd_ps(zero, _mm256_set1_ps(sums[r * nb + b]), acc[r][h]);
+            }
+        }
+    }
+    for (int64_t r = 0; r < tile; r++)
+        for (int h = 0; h < 2; h++) _mm256_storeu_ps(out + r * out_stride + 16 * t + 8 * h, acc[r][h]);
 #else
     for (int64_t r = 0; r < tile; r++) {
         for (int64_t j = 0; j < 16; j++) {
