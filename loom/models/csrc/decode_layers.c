@@ -56,6 +56,16 @@ static void silu_mul(const uint16_t *gate, const uint16_t *up, uint16_t *act, in
         f32x16_to_bf16(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)), silu);
         f32x16_to_bf16(_mm512_mul_ps(bf16x16_to_f32(silu), bf16x16_to_f32(up + i)), act + i);
     }
+#elif defined(__AVX2__) && defined(__FMA__)
+    for (; i + 8 <= n; i += 8) { /* the exps 8 at a time, the roundings as the scalar tail's */
+        float e[8];
+        _mm256_storeu_ps(e, loom_exp256(_mm256_sub_ps(_mm256_setzero_ps(), bf16x8_to_f32(gate + i))));
+        for (int j = 0; j < 8; j++) {
+            const float g = bf16_to_f32(gate[i + j]);
+            const float silu = bf16_to_f32(f32_to_bf16(g / (1.f + e[j])));
+            act[i + j] = f32_to_bf16(silu * bf16_to_f32(up[i + j]));
+        }
+    }
 #endif
     for (; i < n; i++) {
         const float g = bf16_to_f32(gate[i]);

@@ -130,6 +130,17 @@ static inline float exp_shifted(float *s, int64_t n, float shift) {
         vsum = _mm512_mask_add_ps(vsum, live, vsum, e);
     }
     sum = _mm512_reduce_add_ps(vsum);
+#elif defined(__AVX2__) && defined(__FMA__)
+    const __m256 vshift = _mm256_set1_ps(shift);
+    __m256 vsum = _mm256_setzero_ps();
+    for (; t + 8 <= n; t += 8) {
+        const __m256 e = loom_exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vshift));
+        _mm256_storeu_ps(s + t, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vsum);
+    for (int i = 0; i < 8; i++) sum += lanes[i];
 #endif
     for (; t < n; t++) {
         s[t] = expf(s[t] - shift);
