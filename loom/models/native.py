@@ -363,9 +363,20 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+def native_kernels_expected() -> bool:
+    """Whether the kernels will build here (not turned off, a C compiler on PATH), known without building them."""
+    if os.environ.get("LOOM_NATIVE_KERNELS", "1") == "0":
+        return False
+    return _compiler() is not None
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 def _built_library(folder: Path) -> Path:
     """The compiled kernel for this source, compiler and CPU: from `folder`, else built there now."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = _compiler()
     if compiler is None:
         raise OSError("no C compiler (cc, gcc or $CC) on PATH")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout

@@ -14,7 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from conftest import free_port
+
+from loom.cli import resolve_dtype
+from loom.models.native import native_kernels_expected
 
 MODEL = "SmolLM2-135M-Instruct"
 READY_TIMEOUT_S = 120.0
@@ -119,3 +123,13 @@ def test_serve_refuses_a_negative_small_batch_row_count() -> None:
     cmd = [sys.executable, "-m", "loom.cli", "serve", "--no-platform", "--small-batch-rows", "-1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and "--small-batch-rows: must be 0 or more, not -1" in done.stderr, done.stderr
+
+
+def test_auto_dtype_follows_the_cpu_and_the_native_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert resolve_dtype("float16") == "float16"
+    monkeypatch.setenv("LOOM_NATIVE_KERNELS", "0")
+    assert resolve_dtype("auto") == ("bfloat16" if capability.startswith("AVX512") else "float32")
+    monkeypatch.delenv("LOOM_NATIVE_KERNELS")
+    if capability == "AVX2" and native_kernels_expected():
+        assert resolve_dtype("auto") == "bfloat16"
