@@ -12,7 +12,7 @@
 
 #include "bf16.h"
 
-#if defined(__AVX512F__) || defined(__F16C__)
+#if defined(__AVX512F__) || defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -61,6 +61,25 @@ static inline __attribute__((always_inline)) void q8_row(const int8_t *w, const 
         }
     }
     for (int64_t r = 0; r < tile; r++) sums[r] = _mm512_reduce_add_ps(acc[r]);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[Q8_TILE];
+    for (int64_t r = 0; r < tile; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < k / 32; b++) {
+        const __m256 d = _mm256_set1_ps(half_to_f32(s[b]));
+        __m256 wv[4];
+        for (int c = 0; c < 4; c++)
+            wv[c] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + 32 * b + 8 * c)))), d);
+        for (int64_t r = 0; r < tile; r++) {
+            const float *x = xf + r * k + 32 * b;
+            for (int c = 0; c < 4; c++) acc[r] = _mm256_fmadd_ps(wv[c], _mm256_loadu_ps(x + 8 * c), acc[r]);
+        }
+    }
+    for (int64_t r = 0; r < tile; r++) {
+        float lanes[8], total = 0.f;
+        _mm256_storeu_ps(lanes, acc[r]);
+        for (int j = 0; j < 8; j++) total += lanes[j];
+        sums[r] = total;
+    }
 #else
     float acc[Q8_TILE][32];
     for (int64_t r = 0; r < tile; r++) memset(acc[r], 0, sizeof acc[r]);
