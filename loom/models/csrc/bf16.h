@@ -25,6 +25,25 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN stay
 static inline __m256 bf16x8_to_f32(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
+
+/* 8 values at once, bit for bit as f32_to_bf16, the bf16 bits in the high half of each lane */
+static inline __m256i f32x8_round_bf16_bits(__m256 x) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+    const __m256 quiet = _mm256_castsi256_ps(_mm256_or_si256(u, _mm256_set1_epi32(0x400000)));
+    return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), quiet, _mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+}
+
+static inline void f32x8_to_bf16(__m256 x, uint16_t *p) {
+    const __m256i b = _mm256_srli_epi32(f32x8_round_bf16_bits(x), 16);
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+}
+
+/* bf16_to_f32(f32_to_bf16(x)) for 8 values */
+static inline __m256 f32x8_round_bf16(__m256 x) {
+    return _mm256_castsi256_ps(_mm256_and_si256(f32x8_round_bf16_bits(x), _mm256_set1_epi32((int)0xffff0000u)));
+}
 #endif
 
 #ifdef __AVX512F__

@@ -40,6 +40,9 @@ static void add_into(uint16_t *hidden, const uint16_t *delta, int64_t count) { /
 #if defined(__AVX512F__)
     for (; i + 16 <= count; i += 16)
         f32x16_to_bf16(_mm512_add_ps(bf16x16_to_f32(hidden + i), bf16x16_to_f32(delta + i)), hidden + i);
+#elif defined(__AVX2__)
+    for (; i + 8 <= count; i += 8)
+        f32x8_to_bf16(_mm256_add_ps(bf16x8_to_f32(hidden + i), bf16x8_to_f32(delta + i)), hidden + i);
 #endif
     for (; i < count; i++) hidden[i] = f32_to_bf16(bf16_to_f32(hidden[i]) + bf16_to_f32(delta[i]));
 }
@@ -57,14 +60,11 @@ static void silu_mul(const uint16_t *gate, const uint16_t *up, uint16_t *act, in
         f32x16_to_bf16(_mm512_mul_ps(bf16x16_to_f32(silu), bf16x16_to_f32(up + i)), act + i);
     }
 #elif defined(__AVX2__) && defined(__FMA__)
-    for (; i + 8 <= n; i += 8) { /* the exps 8 at a time, the roundings as the scalar tail's */
-        float e[8];
-        _mm256_storeu_ps(e, loom_exp256(_mm256_sub_ps(_mm256_setzero_ps(), bf16x8_to_f32(gate + i))));
-        for (int j = 0; j < 8; j++) {
-            const float g = bf16_to_f32(gate[i + j]);
-            const float silu = bf16_to_f32(f32_to_bf16(g / (1.f + e[j])));
-            act[i + j] = f32_to_bf16(silu * bf16_to_f32(up[i + j]));
-        }
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = bf16x8_to_f32(gate + i);
+        const __m256 e = loom_exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        const __m256 silu = f32x8_round_bf16(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)));
+        f32x8_to_bf16(_mm256_mul_ps(silu, bf16x8_to_f32(up + i)), act + i);
     }
 #endif
     for (; i < n; i++) {

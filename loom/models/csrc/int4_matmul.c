@@ -178,6 +178,9 @@ void int4_matmul_bf16(const Int4Weight *w, const uint16_t *x, int64_t x_stride, 
                 for (int64_t o = 16 * lo; o < 16 * hi; o += 16) {
 #ifdef __AVX512F__
                     f32x16_to_bf16(_mm512_loadu_ps(y + r * n + o), out + r * out_stride + o);
+#elif defined(__AVX2__)
+                    for (int64_t j = o; j < o + 16; j += 8)
+                        f32x8_to_bf16(_mm256_loadu_ps(y + r * n + j), out + r * out_stride + j);
 #else
                     for (int64_t j = o; j < o + 16; j++) out[r * out_stride + j] = f32_to_bf16(y[r * n + j]);
 #endif

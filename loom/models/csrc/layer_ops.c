@@ -22,6 +22,10 @@ void loom_rms_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out
         for (; i + 16 <= dim; i += 16)
             f32x16_to_bf16(_mm512_mul_ps(_mm512_mul_ps(bf16x16_to_f32(h + i), _mm512_set1_ps(rstd)),
                                          bf16x16_to_f32(weight + i)), o + i);
+#elif defined(__AVX2__)
+        for (; i + 8 <= dim; i += 8)
+            f32x8_to_bf16(_mm256_mul_ps(_mm256_mul_ps(bf16x8_to_f32(h + i), _mm256_set1_ps(rstd)),
+                                        bf16x8_to_f32(weight + i)), o + i);
 #endif
         for (; i < dim; i++) o[i] = f32_to_bf16(bf16_to_f32(h[i]) * rstd * bf16_to_f32(weight[i]));
     }
@@ -50,6 +54,16 @@ void loom_rope_write_bf16(uint16_t *qkv, int64_t row_stride, const uint16_t *cos
                     const __m512 a = f32x16_round_bf16(_mm512_mul_ps(_mm512_loadu_ps(orig + i), bf16x16_to_f32(c + i)));
                     const __m512 rolled = _mm512_loadu_ps(orig + (i + half) % head_dim);
                     f32x16_to_bf16(_mm512_fmadd_ps(rolled, bf16x16_to_f32(s + i), a), x + i);
+                }
+                continue;
+            }
+#elif defined(__AVX2__) && defined(__FMA__)
+            if (half % 8 == 0) { /* 8 at a time: a rolled chunk never wraps */
+                for (; i < head_dim; i += 8) _mm256_storeu_ps(orig + i, bf16x8_to_f32(x + i));
+                for (i = 0; i < head_dim; i += 8) {
+                    const __m256 a = f32x8_round_bf16(_mm256_mul_ps(_mm256_loadu_ps(orig + i), bf16x8_to_f32(c + i)));
+                    const __m256 rolled = _mm256_loadu_ps(orig + (i + half) % head_dim);
+                    f32x8_to_bf16(_mm256_fmadd_ps(rolled, bf16x8_to_f32(s + i), a), x + i);
                 }
                 continue;
             }
