@@ -328,7 +328,7 @@ def paged_decode(
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("LOOM_NATIVE_KERNELS", "1") == "0":
+    if _turned_off():
         log.info("LOOM_NATIVE_KERNELS=0: every kernel runs on the torch path")
         return None
     try:
@@ -368,9 +368,11 @@ def _library() -> ctypes.CDLL | None:
 
 def native_kernels_expected() -> bool:
     """Whether the kernels will build here (not turned off, a C compiler on PATH), known without building them."""
-    if os.environ.get("LOOM_NATIVE_KERNELS", "1") == "0":
-        return False
-    return _compiler() is not None
+    return not _turned_off() and _compiler() is not None
+
+
+def _turned_off() -> bool:
+    return os.environ.get("LOOM_NATIVE_KERNELS", "1") == "0"
 
 
 def _compiler() -> str | None:

@@ -1,4 +1,5 @@
-/* bf16 <-> float32 as PyTorch converts them; shared by the kernels in this folder. */
+/* bf16 <-> float32 as PyTorch converts them, and the vector helpers around them; shared by the
+   kernels in this folder. */
 #ifndef LOOM_BF16_H
 #define LOOM_BF16_H
 #include <stdint.h>
@@ -43,6 +44,14 @@ static inline void f32x8_to_bf16(__m256 x, uint16_t *p) {
 /* bf16_to_f32(f32_to_bf16(x)) for 8 values */
 static inline __m256 f32x8_round_bf16(__m256 x) {
     return _mm256_castsi256_ps(_mm256_and_si256(f32x8_round_bf16_bits(x), _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+/* the 8 lanes' sum, lane 0 first (AVX2 has no reduce-add) */
+static inline float f32x8_sum(__m256 x) {
+    float lanes[8], total = 0.f;
+    _mm256_storeu_ps(lanes, x);
+    for (int i = 0; i < 8; i++) total += lanes[i];
+    return total;
 }
 #endif
 

@@ -138,9 +138,7 @@ static inline float exp_shifted(float *s, int64_t n, float shift) {
         _mm256_storeu_ps(s + t, e);
         vsum = _mm256_add_ps(vsum, e);
     }
-    float lanes[8];
-    _mm256_storeu_ps(lanes, vsum);
-    for (int i = 0; i < 8; i++) sum += lanes[i];
+    sum = f32x8_sum(vsum);
 #endif
     for (; t < n; t++) {
         s[t] = expf(s[t] - shift);

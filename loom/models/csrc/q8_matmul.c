@@ -74,12 +74,7 @@ static inline __attribute__((always_inline)) void q8_row(const int8_t *w, const 
             for (int c = 0; c < 4; c++) acc[r] = _mm256_fmadd_ps(wv[c], _mm256_loadu_ps(x + 8 * c), acc[r]);
         }
     }
-    for (int64_t r = 0; r < tile; r++) {
-        float lanes[8], total = 0.f;
-        _mm256_storeu_ps(lanes, acc[r]);
-        for (int j = 0; j < 8; j++) total += lanes[j];
-        sums[r] = total;
-    }
+    for (int64_t r = 0; r < tile; r++) sums[r] = f32x8_sum(acc[r]);
 #else
     float acc[Q8_TILE][32];
     for (int64_t r = 0; r < tile; r++) memset(acc[r], 0, sizeof acc[r]);
