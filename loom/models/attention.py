@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from loom.models.native import paged_decode
+from loom.models.native import native_prefill_supported, paged_decode, prefill_attention
 from loom.models.packed_linear import float32_wins_large_batches
 from loom.models.timing import best_times, measured
 
@@ -212,8 +212,43 @@ def _time_prefill_kernels(dtype: torch.dtype, num_heads: int, num_kv_heads: int,
     return sdpa < matmuls
 
 
+@functools.cache
+def native_wins_prefill(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether the native kernel (csrc/prefill_attention.c) beats both torch kernels for a 192-token
+    first chunk, where it runs at all; measured like `sdpa_wins_prefill`.
+
+    2-core AMD EPYC (Zen 4) guest, SmolLM2's heads, one layer (load ~0.6): a 160-token first chunk
+    0.27 ms against SDPA's 0.72, 100 queries over 160 keys 0.23 against 0.64, 512 over 1024 7.1
+    against 9.6. With AMX, SDPA's bf16 tiles may win; there the timing decides."""
+    if not native_prefill_supported(dtype, torch.device("cpu"), num_heads, num_kv_heads, head_dim):
+        return False
+    question = (
+        f"native kernel beats torch for prefill attention, {dtype}, {num_heads}/{num_kv_heads} heads of {head_dim}"
+    )
+    return measured(question, lambda: _time_native_prefill(dtype, num_heads, num_kv_heads, head_dim))
+
+
+def _time_native_prefill(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    num_q = 192
+    q = torch.randn(num_q, num_heads, head_dim, generator=gen).to(dtype)
+    kv_cache = torch.randn(2 * num_kv_heads, num_q, head_dim, generator=gen).to(dtype)
+    span = PrefillSpan(0, num_q, torch.arange(num_q), is_first_chunk=True)
+    native, sdpa, matmuls = best_times(
+        [
+            lambda: prefill_attention(q, kv_cache, span.context_slots),
+            lambda: _prefill_sdpa(q, kv_cache, span),
+            lambda: _prefill_matmuls(q, kv_cache, span),
+        ],
+        5,
+    )
+    return native < min(sdpa, matmuls)
+
+
 def _prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, span: PrefillSpan) -> torch.Tensor:
     num_heads, num_kv_heads, head_dim = q.shape[1], kv_cache.shape[0] // 2, q.shape[2]
+    if q.device.type == "cpu" and native_wins_prefill(q.dtype, num_heads, num_kv_heads, head_dim):
+        return prefill_attention(q, kv_cache, span.context_slots)
     scores = num_heads * q.shape[0] * span.context_slots.shape[0]
     if scores <= PREFILL_MATMUL_MAX_SCORES and not sdpa_wins_prefill(q.dtype, num_heads, num_kv_heads, head_dim):
         return _prefill_matmuls(q, kv_cache, span)

@@ -19,6 +19,7 @@ from torch import nn
 from loom.models.attention import (
     AttentionMetadata,
     DecodeBlocks,
+    native_wins_prefill,
     paged_attention,
     sdpa_wins_decode,
     sdpa_wins_prefill,
@@ -196,7 +197,7 @@ class LlamaModel(nn.Module):
             self.max_small_batch_rows = measure_small_batch_rows(switches, dtype) if switches else 0
             head_switch = [self.lm_head] if isinstance(self.lm_head, RowSwitchLinear) else []
             self.max_small_batch_head_rows = measure_small_batch_rows(head_switch, dtype) if head_switch else 0
-        for probe in (sdpa_wins_decode, sdpa_wins_prefill):  # timed now, not in the step loop
+        for probe in (sdpa_wins_decode, sdpa_wins_prefill, native_wins_prefill):  # timed now, not in the step loop
             probe(dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
         self.native_ops = native_layer_ops_supported(self.norm.dtype, self.norm.device, cfg.head_dim)
         self._layer_table = self._fused_layer_table() if self.native_ops else None
