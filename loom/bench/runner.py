@@ -98,8 +98,22 @@ async def measure_target(url: str, plan: BenchPlan, tokenizer: Tokenizer | None,
                 try:
                     run.scenarios.append(await RUNNERS[name](ctx))
                 except (httpx.HTTPError, LoomBenchError, KeyError, ValueError) as exc:
-                    run.errors.append(f"scenario {name}: {type(exc).__name__}: {exc}")
+                    run.errors.append(f"scenario {name}: {failure_text(exc)}")
                     log(f"{run.name}: scenario {name} FAILED: {run.errors[-1]}")
+
+
+def failure_text(exc: Exception) -> str:
+    """An exception as one line; an HTTP error status with the server's own message, which says why."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        response = exc.response
+        try:
+            error = response.json().get("error")
+            message = error.get("message") if isinstance(error, dict) else error
+        except (ValueError, AttributeError):
+            message = None
+        said = str(message) if message else response.text
+        return f"HTTP {response.status_code} from {exc.request.url.path}: {' '.join(said.split())[:300]}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 # What ends one target's run with its error recorded, while the other targets still run.

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import uvicorn
@@ -29,6 +30,7 @@ from loom.bench.client import Progress, api_root
 from loom.bench.llama_server import needs_no_repack
 from loom.bench.report import fast_forward_lines
 from loom.bench.results import ScenarioResult
+from loom.bench.runner import failure_text
 from loom.bench.scenarios import fast_forward_switch
 from loom.bench.stats import parse_loadavg, percentile, summarize
 from loom.bench.targets import LaunchSettings, llama_server_command, managed_command, parse_target
@@ -310,3 +312,26 @@ def test_a_burst_holds_each_maximal_request_once_and_sizes_them_at_the_limits() 
     assert counts == (760, 32, 1024, 256)
     assert all(len(stop) == 256 for stop in many["stop"]) and len(bodies["tools-128"][0]["tools"]) == 128
     assert [kind for kind, (_, ok) in bodies.items() if not ok] == ["body-4mib", "body-over"]
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (
+            {"error": {"code": 400, "message": "the request exceeds the available context size"}},
+            "exceeds the available",
+        ),
+        ({"error": "plain\nstring"}, "plain string"),
+        ("upstream  went\naway", "upstream went away"),
+    ],
+)
+def test_a_failed_scenario_says_what_the_server_said(body: object, said: str) -> None:
+    request = httpx.Request("POST", "http://peer/v1/chat/completions")
+    response = (
+        httpx.Response(400, json=body, request=request)
+        if isinstance(body, dict)
+        else httpx.Response(400, text=str(body), request=request)
+    )
+    exc = httpx.HTTPStatusError("400 Bad Request", request=request, response=response)
+    assert failure_text(exc).startswith("HTTP 400 from /v1/chat/completions: ") and said in failure_text(exc)
+    assert failure_text(ValueError("bad")) == "ValueError: bad"
