@@ -10,7 +10,6 @@
    chunk it arrived in. AVX512-BF16 only: elsewhere `loom_prefill_attention_available` says 0 and
    PyTorch's kernels run. */
 #include <float.h>
-#include <math.h>
 #include <stdint.h>
 
 #include "bf16.h"
