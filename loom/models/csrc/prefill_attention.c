@@ -3,9 +3,9 @@
    K heads then V heads). Query i of Q sits at context position C - Q + i and sees keys 0..there.
 
    Work splits into (KV head, tile of queries); a tile's rows are its queries times the KV head's
-   query heads, so each K and V block is read once for all of them. Per block of 16 keys the K rows
-   are transposed into bf16 pairs, and every row's 16 scores come from one dot instruction per pair
-   of dimensions (products exact, summed in float32, as the decode kernel's); an online softmax in
+   query heads, so each K and V block is read once for all of them. Per block of 32 keys the K rows
+   are transposed into bf16 pairs, and every row's scores for 16 keys come from one dot instruction
+   per pair of dimensions (products exact, summed in float32, as the decode kernel's); an online softmax in
    float32, then V in float32. Each query's result depends only on its own context, never on the
    chunk it arrived in. AVX512-BF16 only: elsewhere `loom_prefill_attention_available` says 0 and
    PyTorch's kernels run. */
@@ -22,7 +22,7 @@
 #define PF_HD_MAX 256
 #define PF_ROWS_MAX 64 /* query rows (queries x heads of one KV head) per tile */
 #define PF_QUERIES_MAX 16
-#define PF_KEYS 16 /* keys per block: one vector of scores */
+#define PF_KEYS 32 /* keys per block: two vectors of scores */
 
 int loom_prefill_attention_available(void) {
 #ifdef LOOM_PREFILL_NATIVE
@@ -51,7 +51,7 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *cache, in
     int64_t pos[PF_ROWS_MAX];
     __m512 m[PF_ROWS_MAX], l[PF_ROWS_MAX]; /* each row's running max (every lane) and lane-wise sums */
     __attribute__((aligned(64))) float acc[PF_ROWS_MAX][PF_HD_MAX];
-    __attribute__((aligned(64))) uint32_t kp[PF_HD_MAX / 2][PF_KEYS]; /* kp[i][t]: key t's pair i */
+    __attribute__((aligned(64))) uint32_t kp[2][PF_HD_MAX / 2][16]; /* kp[h][i][t]: key 16h + t's pair i */
     __attribute__((aligned(64))) float vf[PF_KEYS][PF_HD_MAX];
     for (int64_t r = 0; r < rows; r++) { /* row r: query i0 + r / group, head kh * group + r % group */
         const int64_t i = i0 + r / group, h = kh * group + r % group;
@@ -69,7 +69,7 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *cache, in
         const int64_t n = end - t0 < PF_KEYS ? end - t0 : PF_KEYS;
         for (int64_t t = 0; t < PF_KEYS; t++) {
             const uint32_t *krow = (const uint32_t *)(kbase + slots[t0 + (t < n ? t : 0)] * hd);
-            for (int64_t i = 0; i < pairs; i++) kp[i][t] = krow[i];
+            for (int64_t i = 0; i < pairs; i++) kp[t / 16][i][t % 16] = krow[i];
         }
         for (int64_t t = 0; t < n; t++) {
             const uint16_t *vrow = vbase + slots[t0 + t] * hd;
@@ -77,30 +77,39 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *cache, in
         }
         for (int64_t r0 = 0; r0 < rows; r0 += 4) {
             const int64_t nr = rows - r0 < 4 ? rows - r0 : 4;
-            __m512 s[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            __m512 s[4][2];
+            for (int64_t j = 0; j < 4; j++) s[j][0] = s[j][1] = _mm512_setzero_ps();
             for (int64_t i = 0; i < pairs; i++) {
-                const __m512bh kv = (__m512bh)_mm512_load_si512(kp[i]);
+                const __m512bh k0 = (__m512bh)_mm512_load_si512(kp[0][i]), k1 = (__m512bh)_mm512_load_si512(kp[1][i]);
 #pragma GCC unroll 4
                 for (int64_t j = 0; j < 4; j++)
-                    if (j < nr)
-                        s[j] = _mm512_dpbf16_ps(s[j], (__m512bh)_mm512_set1_epi32(*(const int32_t *)(qrow[r0 + j] + 2 * i)), kv);
+                    if (j < nr) {
+                        const __m512bh qp = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(qrow[r0 + j] + 2 * i));
+                        s[j][0] = _mm512_dpbf16_ps(s[j][0], qp, k0);
+                        s[j][1] = _mm512_dpbf16_ps(s[j][1], qp, k1);
+                    }
             }
             for (int64_t j = 0; j < nr; j++) {
                 const int64_t r = r0 + j;
                 const int64_t seen = pos[r] - t0 + 1; /* keys of this block the row's query may see */
                 if (seen <= 0) continue;
-                const __mmask16 live = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32((int)(seen < n ? seen : n)));
-                const __m512 x = _mm512_mul_ps(s[j], vscale);
-                const __m512 bm = _mm512_max_ps(m[r], all_lanes_max(_mm512_mask_mov_ps(m[r], live, x)));
-                const __m512 p = _mm512_maskz_mov_ps(live, loom_exp512(_mm512_sub_ps(x, bm)));
+                const int live_keys = (int)(seen < n ? seen : n);
+                const __mmask16 live0 = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(live_keys));
+                const __mmask16 live1 = _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(live_keys - 16));
+                const __m512 x0 = _mm512_mul_ps(s[j][0], vscale), x1 = _mm512_mul_ps(s[j][1], vscale);
+                const __m512 both = _mm512_max_ps(_mm512_mask_mov_ps(m[r], live0, x0), _mm512_mask_mov_ps(m[r], live1, x1));
+                const __m512 bm = _mm512_max_ps(m[r], all_lanes_max(both));
+                const __m512 p0 = _mm512_maskz_mov_ps(live0, loom_exp512(_mm512_sub_ps(x0, bm)));
+                const __m512 p1 = _mm512_maskz_mov_ps(live1, loom_exp512(_mm512_sub_ps(x1, bm)));
                 const __m512 corr = loom_exp512(_mm512_sub_ps(m[r], bm)); /* 0 on the first block: -FLT_MAX - bm */
-                l[r] = _mm512_fmadd_ps(l[r], corr, p);
+                l[r] = _mm512_add_ps(_mm512_fmadd_ps(l[r], corr, p0), p1);
                 m[r] = bm;
                 __attribute__((aligned(64))) float pt[PF_KEYS];
-                _mm512_store_ps(pt, p);
+                _mm512_store_ps(pt, p0);
+                _mm512_store_ps(pt + 16, p1);
                 __m512 a[PF_HD_MAX / 16];
                 for (int64_t c = 0; c < chunks; c++) a[c] = _mm512_mul_ps(_mm512_load_ps(acc[r] + 16 * c), corr);
-                for (int64_t t = 0; t < n; t++) {
+                for (int64_t t = 0; t < live_keys; t++) {
                     const __m512 pv = _mm512_set1_ps(pt[t]);
                     for (int64_t c = 0; c < chunks; c++) a[c] = _mm512_fmadd_ps(pv, _mm512_load_ps(vf[t] + 16 * c), a[c]);
                 }
