@@ -330,11 +330,8 @@ def paged_decode(
 ) -> torch.Tensor:  # [D, heads, hd]
     lib = _library()
     assert lib is not None, "check native_decode_supported first"
-    if q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16:
-        raise ValueError(f"the native decode kernel reads bf16, not {q.dtype} queries over a {kv_cache.dtype} cache")
+    q = _bf16_queries(q, kv_cache, "decode")
     num_reqs, num_heads, head_dim = q.shape
-    if q.stride(2) != 1 or q.stride(1) != head_dim:
-        q = q.contiguous()
     out = torch.empty(num_reqs, num_heads, head_dim, dtype=q.dtype)
     status = lib.loom_paged_decode_bf16(
         kv_cache.data_ptr(), kv_cache.shape[1], q.data_ptr(), q.stride(0), out.data_ptr(),
@@ -354,11 +351,8 @@ def prefill_attention(
     """Causal attention of a chunk's queries, query i at context position C - Q + i (csrc/prefill_attention.c)."""
     lib = _library()
     assert lib is not None, "check native_prefill_supported first"
-    if q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16:
-        raise ValueError(f"the native prefill kernel reads bf16, not {q.dtype} queries over a {kv_cache.dtype} cache")
+    q = _bf16_queries(q, kv_cache, "prefill")
     num_q, num_heads, head_dim = q.shape
-    if q.stride(2) != 1 or q.stride(1) != head_dim:
-        q = q.contiguous()
     slots = context_slots.to(torch.long).contiguous()
     out = torch.empty(num_q, num_heads, head_dim, dtype=q.dtype)
     status = lib.loom_prefill_attention_bf16(
@@ -370,6 +364,14 @@ def prefill_attention(
             f"prefill kernel refused {num_q} queries over {slots.shape[0]} keys, {num_heads} heads of {head_dim}"
         )
     return out
+
+
+def _bf16_queries(q: torch.Tensor, kv_cache: torch.Tensor, kernel: str) -> torch.Tensor:
+    """`q` `[rows, heads, hd]` as the attention kernels read it: bf16 over a bf16 cache, each row's
+    heads contiguous (rows may be strided: a view of the fused projection)."""
+    if q.dtype != torch.bfloat16 or kv_cache.dtype != torch.bfloat16:
+        raise ValueError(f"the native {kernel} kernel reads bf16, not {q.dtype} queries over a {kv_cache.dtype} cache")
+    return q if q.stride(2) == 1 and q.stride(1) == q.shape[2] else q.contiguous()
 
 
 @functools.cache
