@@ -43,7 +43,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.models.gguf_blocks import GROUP_SIZE, Blocks, Q4Groups, as_float
-from loom.models.native import INT4_TILE_ROWS, Q8_MAX_ROWS, int4_tiles, native_q8_supported, q8_0_matmul
+from loom.models.native import (
+    INT4_MAX_ROWS,
+    INT4_TILE_ROWS,
+    Q8_MAX_ROWS,
+    int4_matmul,
+    int4_tiles,
+    native_int4_supported,
+    native_q8_supported,
+    q8_0_matmul,
+)
 from loom.models.packed_linear import PackedLinear, can_pack, float32_wins_large_batches, has_native_bf16
 from loom.models.timing import best_times, measured
 
@@ -57,7 +66,7 @@ QUANTIZATIONS = ("none", "int8", "int4")
 # step, alternated): 9.6 vs 13.0 ms at 1 row, 13.2 vs 15.2 at 4, 17.9 vs 17.5 at 8, 31.6 vs 28.1 at
 # 16. Without native bf16 (float32 model with int4 linears vs oneDNN float32, 2-core AVX2 guest,
 # best of 7): 31 vs 51 ms at 1 row, 54 vs 60 at 4, 90 vs 86 at 8, 119 vs 103 at 12.
-SMALL_BATCH_CANDIDATES = (1, 2, 4, 8, 16)
+SMALL_BATCH_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 
 
 def measure_small_batch_rows(linears: Sequence[RowSwitchLinear], dtype: torch.dtype) -> int:
@@ -72,7 +81,7 @@ def measure_small_batch_rows(linears: Sequence[RowSwitchLinear], dtype: torch.dt
         {(type(lin.small).__name__, str(lin.large.dtype), lin.in_features, lin.out_features) for lin in linears}
     )
     digest = hashlib.blake2b(repr(shapes).encode(), digest_size=6).hexdigest()
-    question = f"most decode rows for the small-batch kernels, {dtype}, {len(linears)} linears {digest}"
+    question = f"most decode rows (of {SMALL_BATCH_CANDIDATES}) for the small-batch kernels, {dtype}, {len(linears)} linears {digest}"
     return measured(question, lambda: _largest_small_batch(linears, dtype))
 
 
@@ -183,7 +192,7 @@ class Int4Linear(nn.Module):
         self, qweight: torch.Tensor, scales_zeros: torch.Tensor, tiles: Mapping[str, torch.Tensor] | None = None
     ) -> None:
         """`tiles`: the same weight in the native kernel's layout (`native.int4_tiles`), which
-        `LlamaModel`'s fused decode layers read."""
+        `LlamaModel`'s fused decode layers read and `forward` multiplies up to INT4_MAX_ROWS rows with."""
         super().__init__()
         self.tiles = None if tiles is None else tuple(_own_memory(tiles[k]) for k in ("tcodes", "tscales", "tzeros"))
         self.register_buffer(
@@ -198,6 +207,13 @@ class Int4Linear(nn.Module):
         self._act_dtype = scales_zeros.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.tiles is not None
+            and x.dtype == torch.bfloat16
+            and 0 < x.shape[0] <= INT4_MAX_ROWS
+            and x.stride(-1) == 1
+        ):
+            return int4_matmul(x, *self.tiles)  # what the fused decode layers run: the same bits
         if x.dtype == self._act_dtype:
             return _INT4_MM(x, *self._args)
         return _INT4_MM(x.to(self._act_dtype), *self._args).to(x.dtype)
@@ -310,7 +326,8 @@ class Int4Method:
         return prepared
 
     def build(self, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, float32_copy: bool = False) -> nn.Module:
-        tiles = {k: tensors[k] for k in ("tcodes", "tscales", "tzeros")} if "tcodes" in tensors else None
+        native = "tcodes" in tensors and native_int4_supported(dtype, tensors["tcodes"].device)
+        tiles = {k: tensors[k] for k in ("tcodes", "tscales", "tzeros")} if native else None
         quantized = Int4Linear(tensors["qweight"], tensors["scales_zeros"], tiles)
         return RowSwitchLinear(quantized, large_batch_module(tensors["weight"], float32_copy))
 

@@ -38,6 +38,7 @@ from loom.models.linear import (
 from loom.models.native import (
     INT4_MAX_ROWS,
     LAYER_FIELDS,
+    choose_int4_kernel,
     decode_layers,
     native_layer_ops_supported,
     rms_norm,
@@ -192,6 +193,7 @@ class LlamaModel(nn.Module):
         self.lm_head = self._head(cfg, weights, dtype, isinstance(init, _FromPrepared) and init.float32_copy)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings, dtype)
         self.max_small_batch_rows = self.max_small_batch_head_rows = max_small_batch_rows or 0
+        choose_int4_kernel()  # before the timings below: it sets how the int4 linears multiply
         if max_small_batch_rows is None:  # the head apart: its kernels and crossover differ from the layers'
             switches = [m for m in self.layers.modules() if isinstance(m, RowSwitchLinear)]
             self.max_small_batch_rows = measure_small_batch_rows(switches, dtype) if switches else 0

@@ -87,11 +87,12 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
 
-from loom.models.timing import cache_dir, cpu_fingerprint
+from loom.models.timing import best_times, cache_dir, cpu_fingerprint, measured
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +110,14 @@ FLAGS = (
 )  # fmt: skip
 MAX_HEAD_DIM, MAX_GROUP, MAX_BLOCK_SIZE = 256, 16, 64  # the kernel's stack buffers (csrc/paged_decode.c)
 Q8_MAX_ROWS = 16  # activation rows per q8_0_matmul call (csrc/q8_matmul.c)
-INT4_MAX_ROWS = 16  # activation rows per int4_matmul / decode_layers call (csrc/int4_matmul.h)
+INT4_MAX_ROWS = 64  # activation rows per int4_matmul / decode_layers call (csrc/int4_matmul.h)
 PREFILL_MAX_GROUP = 64  # query heads per KV head (csrc/prefill_attention.c)
 LOGPROB_TOP_MAX = 64  # the most best tokens logprob_ranks returns per row (csrc/logprob_ranks.c)
 INT4_TILE_ROWS = 16  # output rows per tile of the int4 kernel's weight layout
 LAYER_FIELDS = 15  # pointers per layer in decode_layers' table (csrc/decode_layers.c)
 BUILD_TIMEOUT_S = 120
 
+_LIBRARY_LOCK = threading.Lock()
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
 
@@ -145,6 +147,11 @@ def native_prefill_supported(
 def native_layer_ops_supported(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
     """Whether `rms_norm`, `rope_and_write` and `silu_mul` run here for this model."""
     return dtype == torch.bfloat16 and device.type == "cpu" and head_dim <= MAX_HEAD_DIM and _library() is not None
+
+
+def native_int4_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `int4_matmul` runs here for a model in `dtype`."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and _library() is not None
 
 
 def native_q8_supported(dtype: torch.dtype, device: torch.device) -> bool:
@@ -254,6 +261,40 @@ def int4_matmul(x: torch.Tensor, tcodes: torch.Tensor, tscales: torch.Tensor, tz
     if status != 0:
         raise ValueError(f"int4 kernel refused {x.shape[0]} rows of {k} (status {status})")
     return out
+
+
+def choose_int4_kernel() -> bool:
+    """Whether the int4 kernel multiplies in float32 FMAs rather than bf16 dot instructions on this
+    CPU; sets it for the process. Timed once per machine (`timing.measured`) where the build has both.
+
+    Neither wins everywhere: an Intel AVX512-BF16 guest without AMX runs the dot at half the FMA's
+    rate (SmolLM2's 120 linears at 8 rows: 8.4 vs 15.2 ms, at 32 rows 32.5 vs 60.8; load 0.3-0.9),
+    where an AMD Zen 4 runs it at twice the rate.
+    """
+    lib = _library()
+    if lib is None or not lib.loom_int4_has_dot():
+        return lib is not None
+    use_fma = measured("int4 kernel: float32 FMAs beat bf16 dots at 8 rows", _time_int4_fma)
+    lib.loom_int4_use_fma(int(use_fma))
+    return use_fma
+
+
+def _time_int4_fma() -> bool:
+    lib = _library()
+    assert lib is not None
+    gen = torch.Generator().manual_seed(0)
+    n, k = 3072, 576
+    scales = (torch.rand(n, k // 32, generator=gen) * 0.02).to(torch.bfloat16)
+    tiles = int4_tiles(torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8), scales, scales)
+    x = torch.randn(8, k, generator=gen).to(torch.bfloat16)
+
+    def run(use_fma: int) -> None:
+        lib.loom_int4_use_fma(use_fma)
+        for _ in range(4):
+            int4_matmul(x, tiles["tcodes"], tiles["tscales"], tiles["tzeros"])
+
+    dot, fma = best_times([lambda: run(0), lambda: run(1)], 5)
+    return fma < dot
 
 
 def decode_layers(
@@ -374,8 +415,14 @@ def _bf16_queries(q: torch.Tensor, kv_cache: torch.Tensor, kernel: str) -> torch
     return q if q.stride(2) == 1 and q.stride(1) == q.shape[2] else q.contiguous()
 
 
-@functools.cache
 def _library() -> ctypes.CDLL | None:
+    # the model's linears are built on a thread pool, and each asks: one build, not one per thread
+    with _LIBRARY_LOCK:
+        return _load_library()
+
+
+@functools.cache
+def _load_library() -> ctypes.CDLL | None:
     if _turned_off():
         log.info("LOOM_NATIVE_KERNELS=0: every kernel runs on the torch path")
         return None
@@ -399,6 +446,10 @@ def _library() -> ctypes.CDLL | None:
     lib.loom_q8_0_matmul.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
     lib.loom_int4_matmul.restype = ctypes.c_int
     lib.loom_int4_matmul.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64]
+    lib.loom_int4_use_fma.restype = None
+    lib.loom_int4_use_fma.argtypes = [ctypes.c_int]
+    lib.loom_int4_has_dot.restype = ctypes.c_int
+    lib.loom_int4_has_dot.argtypes = []
     lib.loom_exp_f32.restype = None
     lib.loom_exp_f32.argtypes = [_PTR, _PTR, _I64]
     lib.loom_top_p_draw.restype = ctypes.c_int

@@ -4,10 +4,12 @@ order; a row's result is its own."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
-from loom.models import llama
+from loom.models import llama, native
 from loom.models.attention import AttentionMetadata, DecodeBlocks, PrefillSpan
 from loom.models.config import ModelConfig
 from loom.models.linear import quantize_q4
@@ -38,9 +40,21 @@ def _tiled(n: int, k: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Te
     return int4_tiles(groups.codes, scales, zeros), values
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, INT4_MAX_ROWS])
+@pytest.fixture(params=["bf16 dots", "float32 FMAs"])
+def int4_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each of the kernel's two ways to multiply (one way where the CPU lacks bf16 dot instructions)."""
+    lib = native._library()
+    assert lib is not None
+    if request.param == "bf16 dots" and not lib.loom_int4_has_dot():
+        pytest.skip("no bf16 dot instructions on this CPU")
+    lib.loom_int4_use_fma(int(request.param == "float32 FMAs"))
+    yield request.param
+    native.choose_int4_kernel()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 13, INT4_MAX_ROWS])
 @pytest.mark.parametrize(("n", "k"), [(48, 64), (960, 576)])
-def test_the_int4_kernel_computes_the_weights_values(rows: int, n: int, k: int) -> None:
+def test_the_int4_kernel_computes_the_weights_values(rows: int, n: int, k: int, int4_path: str) -> None:
     tiles, values = _tiled(n, k, seed=n + rows)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
     got = int4_matmul(x, tiles["tcodes"], tiles["tscales"], tiles["tzeros"])
@@ -51,11 +65,11 @@ def test_the_int4_kernel_computes_the_weights_values(rows: int, n: int, k: int) 
     assert bool(((got.double() - exact).abs() <= bound).all())
 
 
-def test_an_int4_rows_result_does_not_depend_on_the_other_rows() -> None:
+def test_an_int4_rows_result_does_not_depend_on_the_other_rows(int4_path: str) -> None:
     tiles, _ = _tiled(96, 128, seed=1)
     x = torch.randn(INT4_MAX_ROWS, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     together = int4_matmul(x, tiles["tcodes"], tiles["tscales"], tiles["tzeros"])
-    for r in (0, 5, INT4_MAX_ROWS - 1):
+    for r in (0, 5, 9, INT4_MAX_ROWS - 1):
         alone = int4_matmul(x[r : r + 1], tiles["tcodes"], tiles["tscales"], tiles["tzeros"])
         assert torch.equal(alone[0], together[r])
 

@@ -87,9 +87,9 @@ def test_rope_and_cache_write_match_the_torch_path(num_heads: int, num_kv_heads:
 @pytest.fixture
 def fresh_library() -> Iterator[None]:
     """`native._library` is built once per process: forget it around the test, and after."""
-    native._library.cache_clear()
+    native._load_library.cache_clear()
     yield
-    native._library.cache_clear()
+    native._load_library.cache_clear()
     timing.keep_choices(None)
 
 
@@ -127,7 +127,7 @@ def test_the_library_is_built_once_into_the_cache_directory(fresh_library: None,
     built = list((tmp_path / "kernels").glob("cpu_kernels-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    native._library.cache_clear()  # a new process, as far as the library goes
+    native._load_library.cache_clear()  # a new process, as far as the library goes
     assert native_layer_ops_supported(torch.bfloat16, torch.device("cpu"), 64)
     assert list((tmp_path / "kernels").glob("cpu_kernels-*.so")) == built and built[0].stat().st_mtime_ns == stamp
 

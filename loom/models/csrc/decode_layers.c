@@ -120,9 +120,7 @@ int loom_decode_layers(uint16_t *hidden, int64_t rows, const int64_t *layers, in
 
         loom_rms_norm_bf16(hidden, (const uint16_t *)f[1], x, rows, h, eps);
         int4_matmul_bf16(&w_gu, x, h, rows, out, 2 * intermediate, scratch);
-        for (int64_t r = 0; r < rows; r++)
-            silu_mul(out + r * 2 * intermediate, out + r * 2 * intermediate + intermediate, act + r * intermediate,
-                     intermediate);
+        loom_silu_mul_bf16(out, rows, intermediate, act);
         int4_matmul_bf16(&w_down, act, intermediate, rows, out, h, scratch);
         add_into(hidden, out, rows * h);
     }

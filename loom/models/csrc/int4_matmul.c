@@ -31,48 +31,23 @@ void int4_prepare_rows(const uint16_t *x, int64_t x_stride, int64_t rows, int64_
     }
 }
 
-#ifdef __AVX512BF16__
-/* code - 8 for codes 0..15 in bf16, twice: the word permute indexes 32 entries */
-static const uint16_t CENTRED_BF16[32] = {
-    0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
-    0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
-};
-#endif
-
-/* One tile of 16 output rows against `tile` activation rows; out[r * out_stride + 16 * t + lane]. */
-static inline __attribute__((always_inline)) void int4_tile(const Int4Weight *w, int64_t t, const float *xf,
-                                                            const uint16_t *xb, int64_t xb_stride,
-                                                            const float *sums, int64_t tile, float *out,
-                                                            int64_t out_stride) {
+#ifdef __AVX512F__
+/* One tile of 16 output rows against `tile` (<= INT4_FMA_TILE) activation rows in float32 FMAs:
+   a lane's two codes become floats (code - 8 by permute) once for every row of the tile. */
+static inline __attribute__((always_inline)) void int4_tile_fma(const Int4Weight *w, int64_t t, const float *xf,
+                                                                const float *sums, int64_t tile, float *out,
+                                                                int64_t out_stride) {
     const int64_t k = w->k, nb = k / 32;
     const uint8_t *q = w->codes + t * (k / 2) * 16;
     const uint16_t *s = w->scales + t * nb * 16, *z = w->zeros + t * nb * 16;
-#ifdef __AVX512F__
-#ifdef __AVX512BF16__
-    const __m512i table = _mm512_loadu_si512(CENTRED_BF16), nibbles = _mm512_set1_epi32(0x000f000f);
-    (void)xf;
-#else
     const __m512 centred = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-    (void)xb, (void)xb_stride;
-#endif
-    __m512 acc[INT4_TILE];
+    __m512 acc[INT4_FMA_TILE];
     for (int64_t r = 0; r < tile; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        __m512 part[INT4_TILE];
+        __m512 part[INT4_FMA_TILE];
         for (int64_t r = 0; r < tile; r++) part[r] = _mm512_setzero_ps();
         for (int64_t p = 0; p < 16; p++) {
             const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + (16 * b + p) * 16)));
-#ifdef __AVX512BF16__
-            /* a lane's two codes as a bf16 pair (code - 8 by word permute), against the
-               activations' own bf16 pair: one dot instruction per input pair and row */
-            const __m512i idx = _mm512_and_si512(_mm512_or_si512(bytes, _mm512_slli_epi32(bytes, 12)), nibbles);
-            const __m512bh pair = (__m512bh)_mm512_permutexvar_epi16(idx, table);
-            for (int64_t r = 0; r < tile; r++) {
-                uint32_t xpair;
-                memcpy(&xpair, xb + r * xb_stride + 32 * b + 2 * p, 4);
-                part[r] = _mm512_dpbf16_ps(part[r], pair, (__m512bh)_mm512_set1_epi32((int)xpair));
-            }
-#else
             const __m512 w0 = _mm512_permutexvar_ps(bytes, centred); /* code - 8: the low 4 bits index */
             const __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), centred);
             for (int64_t r = 0; r < tile; r++) {
@@ -80,7 +55,6 @@ static inline __attribute__((always_inline)) void int4_tile(const Int4Weight *w,
                 part[r] = _mm512_fmadd_ps(w0, _mm512_set1_ps(x[0]), part[r]);
                 part[r] = _mm512_fmadd_ps(w1, _mm512_set1_ps(x[1]), part[r]);
             }
-#endif
         }
         const __m512 scale = bf16x16_to_f32(s + 16 * b), zero = bf16x16_to_f32(z + 16 * b);
         for (int64_t r = 0; r < tile; r++) {
@@ -89,9 +63,80 @@ static inline __attribute__((always_inline)) void int4_tile(const Int4Weight *w,
         }
     }
     for (int64_t r = 0; r < tile; r++) _mm512_storeu_ps(out + r * out_stride + 16 * t, acc[r]);
-#elif defined(__AVX2__) && defined(__FMA__)
+}
+#endif
+
+#ifdef __AVX512BF16__
+/* code - 8 for codes 0..15 in bf16, twice: the word permute indexes 32 entries */
+static const uint16_t CENTRED_BF16[32] = {
+    0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+    0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80, 0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+};
+
+/* The same tile with bf16 dot instructions: a lane's two codes as a bf16 pair (code - 8 by word
+   permute) against the activations' own bf16 pair, one instruction per input pair and row. */
+static inline __attribute__((always_inline)) void int4_tile_dot(const Int4Weight *w, int64_t t, const uint16_t *xb,
+                                                                int64_t xb_stride, const float *sums, int64_t tile,
+                                                                float *out, int64_t out_stride) {
+    const int64_t k = w->k, nb = k / 32;
+    const uint8_t *q = w->codes + t * (k / 2) * 16;
+    const uint16_t *s = w->scales + t * nb * 16, *z = w->zeros + t * nb * 16;
+    const __m512i table = _mm512_loadu_si512(CENTRED_BF16), nibbles = _mm512_set1_epi32(0x000f000f);
+    __m512 acc[INT4_TILE];
+    for (int64_t r = 0; r < tile; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512 part[INT4_TILE];
+        for (int64_t r = 0; r < tile; r++) part[r] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < 16; p++) {
+            const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + (16 * b + p) * 16)));
+            const __m512i idx = _mm512_and_si512(_mm512_or_si512(bytes, _mm512_slli_epi32(bytes, 12)), nibbles);
+            const __m512bh pair = (__m512bh)_mm512_permutexvar_epi16(idx, table);
+            for (int64_t r = 0; r < tile; r++) {
+                uint32_t xpair;
+                memcpy(&xpair, xb + r * xb_stride + 32 * b + 2 * p, 4);
+                part[r] = _mm512_dpbf16_ps(part[r], pair, (__m512bh)_mm512_set1_epi32((int)xpair));
+            }
+        }
+        const __m512 scale = bf16x16_to_f32(s + 16 * b), zero = bf16x16_to_f32(z + 16 * b);
+        for (int64_t r = 0; r < tile; r++) {
+            acc[r] = _mm512_fmadd_ps(part[r], scale, acc[r]);
+            acc[r] = _mm512_fmadd_ps(zero, _mm512_set1_ps(sums[r * nb + b]), acc[r]);
+        }
+    }
+    for (int64_t r = 0; r < tile; r++) _mm512_storeu_ps(out + r * out_stride + 16 * t, acc[r]);
+}
+
+/* bf16 dot instructions unless the caller measured float32 FMAs faster: some CPUs run the dot
+   at half the FMA's rate (an Intel AVX512-BF16 guest without AMX), others at twice (AMD Zen 4). */
+static int int4_use_fma = 0;
+#endif
+
+void loom_int4_use_fma(int on) {
+#ifdef __AVX512BF16__
+    int4_use_fma = on;
+#else
+    (void)on;
+#endif
+}
+
+int loom_int4_has_dot(void) {
+#ifdef __AVX512BF16__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#if !defined(__AVX512F__)
+/* One tile of 16 output rows against `tile` activation rows; out[r * out_stride + 16 * t + lane]. */
+static inline __attribute__((always_inline)) void int4_tile(const Int4Weight *w, int64_t t, const float *xf,
+                                                            const float *sums, int64_t tile, float *out,
+                                                            int64_t out_stride) {
+    const int64_t k = w->k, nb = k / 32;
+    const uint8_t *q = w->codes + t * (k / 2) * 16;
+    const uint16_t *s = w->scales + t * nb * 16, *z = w->zeros + t * nb * 16;
+#if defined(__AVX2__) && defined(__FMA__)
     /* the 16 lanes as two halves of 8; code - 8 converted once per input pair for every row */
-    (void)xb, (void)xb_stride;
     const __m256i low4 = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
     __m256 acc[INT4_TILE][2];
     for (int64_t r = 0; r < tile; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
@@ -140,22 +185,63 @@ static inline __attribute__((always_inline)) void int4_tile(const Int4Weight *w,
     }
 #endif
 }
+#endif
+
+/* Constant tiles keep the accumulators in registers. */
+#define TILES_UP_TO_4(CALL, TILE)                                                                          \
+    switch (TILE) {                                                                                        \
+    case 1: CALL(1); break;                                                                                \
+    case 2: CALL(2); break;                                                                                \
+    case 3: CALL(3); break;                                                                                \
+    default: CALL(4); break;                                                                               \
+    }
+#define TILES_UP_TO_8(CALL, TILE)                                                                          \
+    switch (TILE) {                                                                                        \
+    case 1: CALL(1); break;                                                                                \
+    case 2: CALL(2); break;                                                                                \
+    case 3: CALL(3); break;                                                                                \
+    case 4: CALL(4); break;                                                                                \
+    case 5: CALL(5); break;                                                                                \
+    case 6: CALL(6); break;                                                                                \
+    case 7: CALL(7); break;                                                                                \
+    default: CALL(8); break;                                                                               \
+    }
 
 void int4_rows(const Int4Weight *w, const float *xf, const uint16_t *xb, int64_t xb_stride, const float *sums,
                int64_t rows, int64_t t_begin, int64_t t_end, float *out, int64_t out_stride) {
     const int64_t nb = w->k / 32;
+#if defined(__AVX512BF16__)
+    const int64_t step = int4_use_fma ? INT4_FMA_TILE : INT4_TILE;
+#elif defined(__AVX512F__)
+    const int64_t step = INT4_FMA_TILE;
+    (void)xb, (void)xb_stride;
+#else
+    const int64_t step = INT4_TILE;
+    (void)xb, (void)xb_stride;
+#endif
     for (int64_t t = t_begin; t < t_end; t++) {
-        for (int64_t r0 = 0; r0 < rows; r0 += INT4_TILE) {
-            const int64_t tile = rows - r0 < INT4_TILE ? rows - r0 : INT4_TILE;
+        for (int64_t r0 = 0; r0 < rows; r0 += step) {
+            const int64_t tile = rows - r0 < step ? rows - r0 : step;
             const float *x = xf + r0 * w->k, *sx = sums + r0 * nb;
-            const uint16_t *x16 = xb + r0 * xb_stride;
             float *o = out + r0 * out_stride;
-            switch (tile) { /* a constant tile keeps the accumulators in registers */
-            case 1: int4_tile(w, t, x, x16, xb_stride, sx, 1, o, out_stride); break;
-            case 2: int4_tile(w, t, x, x16, xb_stride, sx, 2, o, out_stride); break;
-            case 3: int4_tile(w, t, x, x16, xb_stride, sx, 3, o, out_stride); break;
-            default: int4_tile(w, t, x, x16, xb_stride, sx, INT4_TILE, o, out_stride); break;
+#if defined(__AVX512BF16__)
+            if (!int4_use_fma) {
+                const uint16_t *x16 = xb + r0 * xb_stride;
+#define DOT(T) int4_tile_dot(w, t, x16, xb_stride, sx, T, o, out_stride)
+                TILES_UP_TO_4(DOT, tile)
+#undef DOT
+                continue;
             }
+#endif
+#if defined(__AVX512F__)
+#define FMA(T) int4_tile_fma(w, t, x, sx, T, o, out_stride)
+            TILES_UP_TO_8(FMA, tile)
+#undef FMA
+#else
+#define PLAIN(T) int4_tile(w, t, x, sx, T, o, out_stride)
+            TILES_UP_TO_4(PLAIN, tile)
+#undef PLAIN
+#endif
         }
     }
 }
