@@ -52,7 +52,7 @@ def int4_path(request: pytest.FixtureRequest) -> Iterator[str]:
     native.choose_int4_kernel()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 13, INT4_MAX_ROWS])
+@pytest.mark.parametrize("rows", [1, 3, 4, 7, 8, 13, 27, INT4_MAX_ROWS])
 @pytest.mark.parametrize(("n", "k"), [(48, 64), (960, 576)])
 def test_the_int4_kernel_computes_the_weights_values(rows: int, n: int, k: int, int4_path: str) -> None:
     tiles, values = _tiled(n, k, seed=n + rows)

@@ -8,6 +8,7 @@
 #define INT4_MAX_ROWS 64
 #define INT4_TILE 4      /* activation rows sharing one pass over a weight row (bf16 dots, AVX2) */
 #define INT4_FMA_TILE 8  /* the same for AVX-512 float32 FMAs: 16 accumulators of 32 registers */
+#define INT4_PAIR_MIN_ROWS 24 /* from here on two output tiles at a time, codes turned into floats once */
 
 
 typedef struct {
