@@ -114,6 +114,7 @@ INT4_MAX_ROWS = 64  # activation rows per int4_matmul / decode_layers call (csrc
 PREFILL_MAX_GROUP = 64  # query heads per KV head (csrc/prefill_attention.c)
 LOGPROB_TOP_MAX = 64  # the most best tokens logprob_ranks returns per row (csrc/logprob_ranks.c)
 INT4_TILE_ROWS = 16  # output rows per tile of the int4 kernel's weight layout
+Q8_TILE_ROWS = 16  # the same for the tiled Q8_0 kernel (csrc/q8_matmul.c)
 LAYER_FIELDS = 15  # pointers per layer in decode_layers' table (csrc/decode_layers.c)
 BUILD_TIMEOUT_S = 120
 
@@ -173,6 +174,36 @@ def q8_0_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> t
     )  # fmt: skip
     if status != 0:
         raise ValueError(f"q8_0 kernel refused {x.shape[0]} rows of {codes.shape[1]} (status {status})")
+    return out
+
+
+def native_q8_tiled_supported() -> bool:
+    """Whether `q8_tiled_matmul` runs here (AVX-512 builds)."""
+    lib = _library()
+    return lib is not None and bool(lib.loom_q8_tiled_available())
+
+
+def q8_tiles(codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Q8_0 weight (codes `[n, k]` int8, scales `[n, k / 32]` float16) in `q8_tiled_matmul`'s
+    layout: codes `[n / 16, k, 16]`, scales as float32 `[n / 16, k / 32, 16]` (exact); n % 32 == 0."""
+    n, k = codes.shape
+    tcodes = codes.view(n // Q8_TILE_ROWS, Q8_TILE_ROWS, k).permute(0, 2, 1).contiguous()
+    tscales = scales.float().view(n // Q8_TILE_ROWS, Q8_TILE_ROWS, k // 32).permute(0, 2, 1).contiguous()
+    return tcodes, tscales
+
+
+def q8_tiled_matmul(x: torch.Tensor, tcodes: torch.Tensor, tscales: torch.Tensor) -> torch.Tensor:
+    """`x` `[rows, in]` bf16 (any number of rows) times a Q8_0 weight in `q8_tiles` layout: `[rows, out]` float32,
+    the same values as `q8_0_matmul` up to float32 summation order."""
+    lib = _library()
+    assert lib is not None and x.dtype == torch.bfloat16 and x.stride(-1) == 1
+    n, k = tcodes.shape[0] * Q8_TILE_ROWS, tcodes.shape[1]
+    out = torch.empty(x.shape[0], n, dtype=torch.float32)
+    status = lib.loom_q8_tiled_matmul(
+        x.data_ptr(), x.stride(0), x.shape[0], tcodes.data_ptr(), tscales.data_ptr(), n, k, out.data_ptr()
+    )
+    if status != 0:
+        raise ValueError(f"tiled q8_0 kernel refused {x.shape[0]} rows of {k} (status {status})")
     return out
 
 
@@ -444,6 +475,10 @@ def _load_library() -> ctypes.CDLL | None:
     lib.loom_rope_write_bf16.argtypes = [_PTR, _I64, _PTR, _PTR] + [_I64] * 4 + [_PTR, _I64, _PTR]
     lib.loom_q8_0_matmul.restype = ctypes.c_int
     lib.loom_q8_0_matmul.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
+    lib.loom_q8_tiled_available.restype = ctypes.c_int
+    lib.loom_q8_tiled_available.argtypes = []
+    lib.loom_q8_tiled_matmul.restype = ctypes.c_int
+    lib.loom_q8_tiled_matmul.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
     lib.loom_int4_matmul.restype = ctypes.c_int
     lib.loom_int4_matmul.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _I64]
     lib.loom_int4_use_fma.restype = None

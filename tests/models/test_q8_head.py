@@ -1,5 +1,6 @@
 """An output head stored as Q8_0 blocks multiplies few rows by the file's own values (native
-kernel, float32) and many rows by their bf16 rounding; each row's result is its own."""
+kernel, float32; where AVX-512 runs, the tiled kernel for any number of rows) and many rows by
+their bf16 rounding; each row's result is its own."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import torch
 
 from loom.models.gguf_blocks import Q8Blocks
 from loom.models.linear import Q8Linear, RowSwitchLinear, dense_module, with_q8_blocks
-from loom.models.native import Q8_MAX_ROWS, native_q8_supported, q8_0_matmul
+from loom.models.native import (
+    Q8_MAX_ROWS,
+    native_q8_supported,
+    native_q8_tiled_supported,
+    q8_0_matmul,
+    q8_tiled_matmul,
+    q8_tiles,
+)
 
 pytestmark = pytest.mark.skipif(not native_q8_supported(torch.bfloat16, torch.device("cpu")), reason="no C compiler")
 
@@ -66,3 +74,42 @@ def test_the_head_takes_the_kernel_for_leading_rows_and_the_dense_copy_for_the_r
     # a float32 model has no native kernel for it: the dense head alone
     dense = dense_module(blocks.dequantize())
     assert with_q8_blocks(dense, {"q8_codes": blocks.codes, "q8_scales": blocks.scales}, torch.float32) is dense
+
+
+tiled_only = pytest.mark.skipif(not native_q8_tiled_supported(), reason="the tiled kernel is built for AVX-512 only")
+
+
+@tiled_only
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 40])
+@pytest.mark.parametrize("cols", [64, 576])
+def test_the_tiled_kernel_multiplies_by_the_files_values_in_float32(rows: int, cols: int) -> None:
+    blocks = _blocks(96, cols, rows)
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    got = q8_tiled_matmul(x, *q8_tiles(blocks.codes, blocks.scales))
+    expected = x.double() @ blocks.dequantize().double().t()
+    assert got.dtype == torch.float32 and got.shape == (rows, 96)
+    scale = (x.double().abs() @ blocks.dequantize().double().abs().t()).clamp(min=1e-30)
+    assert float(((got.double() - expected).abs() / scale).max()) < 1e-6
+
+
+@tiled_only
+def test_a_rows_result_in_the_tiled_kernel_is_its_own() -> None:
+    blocks = _blocks(64, 576, 3)
+    tiles = q8_tiles(blocks.codes, blocks.scales)
+    x = torch.randn(40, 576, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    together = q8_tiled_matmul(x, *tiles)
+    for r in (0, 9, 39):
+        assert torch.equal(q8_tiled_matmul(x[r : r + 1], *tiles)[0], together[r])
+
+
+@tiled_only
+def test_a_head_of_whole_pairs_of_tiles_takes_the_tiled_kernel() -> None:
+    blocks = _blocks(1024, 64, 5)
+    head = with_q8_blocks(
+        dense_module(blocks.dequantize().to(torch.bfloat16)),
+        {"q8_codes": blocks.codes, "q8_scales": blocks.scales},
+        torch.bfloat16,
+    )
+    assert isinstance(head, RowSwitchLinear) and isinstance(head.small, Q8Linear)
+    x = torch.randn(24, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    assert torch.equal(head(x, 24), q8_tiled_matmul(x, *q8_tiles(blocks.codes, blocks.scales)))

@@ -9,6 +9,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
 #include "bf16.h"
 
@@ -118,4 +119,103 @@ int loom_q8_0_matmul(const uint16_t *x, int64_t x_stride, int64_t rows, const in
     }
     free(xf);
     return 0;
+}
+
+/* Many rows: the same values (code * scale in float32) in a layout of 16 output rows per vector,
+   as csrc/int4_matmul.c's float32 kernel reads int4 codes: two tiles (32 output rows) at a time,
+   each block of 32 inputs turned into floats once, into L1, for every activation row, then 8
+   activation rows at a time against both tiles. Where a decode step's rows are many, this is
+   compute-bound; the per-row kernel above turns codes into floats again for every 4 rows.
+   tcodes: [n / 16, k, 16] int8 (tile, input, lane); tscales: [n / 16, k / 32, 16] float32. */
+#ifdef __AVX512F__
+#define Q8_PAIR_ROWS 8
+
+static inline __attribute__((always_inline)) void q8_pair_rows(const float wf[2][32][16], const float *xf, int64_t k,
+                                                               int64_t b, int64_t tile, float *acc) {
+    __m512 part[Q8_PAIR_ROWS][2];
+    for (int64_t r = 0; r < tile; r++) part[r][0] = part[r][1] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < 32; j++) {
+        const __m512 w0 = _mm512_load_ps(wf[0][j]), w1 = _mm512_load_ps(wf[1][j]);
+        for (int64_t r = 0; r < tile; r++) {
+            const __m512 x = _mm512_set1_ps(xf[r * k + 32 * b + j]);
+            part[r][0] = _mm512_fmadd_ps(w0, x, part[r][0]);
+            part[r][1] = _mm512_fmadd_ps(w1, x, part[r][1]);
+        }
+    }
+    for (int64_t r = 0; r < tile; r++)
+        for (int h = 0; h < 2; h++)
+            _mm512_store_ps(acc + (2 * r + h) * 16, _mm512_add_ps(_mm512_load_ps(acc + (2 * r + h) * 16), part[r][h]));
+}
+
+static void q8_pair(const int8_t *tcodes, const float *tscales, int64_t t, int64_t k, const float *xf, int64_t rows,
+                    float *acc, float *out, int64_t n) {
+    const int64_t nb = k / 32;
+    float wf[2][32][16] __attribute__((aligned(64)));
+    memset(acc, 0, (size_t)rows * 32 * sizeof(float));
+    for (int64_t b = 0; b < nb; b++) {
+        for (int h = 0; h < 2; h++) {
+            const int8_t *q = tcodes + ((t + h) * k + 32 * b) * 16;
+            const __m512 scale = _mm512_loadu_ps(tscales + ((t + h) * nb + b) * 16);
+            for (int64_t j = 0; j < 32; j++) {
+                const __m512i codes = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + j * 16)));
+                _mm512_store_ps(wf[h][j], _mm512_mul_ps(_mm512_cvtepi32_ps(codes), scale));
+            }
+        }
+        for (int64_t r0 = 0; r0 < rows; r0 += Q8_PAIR_ROWS) {
+            const float *x = xf + r0 * k;
+            float *a = acc + r0 * 32;
+            switch (rows - r0 < Q8_PAIR_ROWS ? rows - r0 : Q8_PAIR_ROWS) { /* constant tiles stay in registers */
+            case 1: q8_pair_rows(wf, x, k, b, 1, a); break;
+            case 2: q8_pair_rows(wf, x, k, b, 2, a); break;
+            case 3: q8_pair_rows(wf, x, k, b, 3, a); break;
+            case 4: q8_pair_rows(wf, x, k, b, 4, a); break;
+            case 5: q8_pair_rows(wf, x, k, b, 5, a); break;
+            case 6: q8_pair_rows(wf, x, k, b, 6, a); break;
+            case 7: q8_pair_rows(wf, x, k, b, 7, a); break;
+            default: q8_pair_rows(wf, x, k, b, Q8_PAIR_ROWS, a); break;
+            }
+        }
+    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int h = 0; h < 2; h++)
+            _mm512_storeu_ps(out + r * n + 16 * (t + h), _mm512_load_ps(acc + (2 * r + h) * 16));
+}
+#endif
+
+int loom_q8_tiled_available(void) {
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int loom_q8_tiled_matmul(const uint16_t *x, int64_t x_stride, int64_t rows, const int8_t *tcodes,
+                         const float *tscales, int64_t n, int64_t k, float *out) {
+#ifdef __AVX512F__
+    if (rows < 1 || k % 32 || n % 32) return 1;
+    float *xf = aligned_alloc(64, (size_t)(rows * k * 4 + 63) / 64 * 64);
+    if (xf == NULL) return 2;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < k; i++) xf[r * k + i] = bf16_to_f32(x[r * x_stride + i]);
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        float *acc = aligned_alloc(64, (size_t)rows * 32 * sizeof(float));
+        if (acc == NULL) {
+            failed = 1;
+        } else {
+            const int nt = omp_get_num_threads(), th = omp_get_thread_num();
+            const int64_t pairs = n / 32, chunk = (pairs + nt - 1) / nt, lo = th * chunk;
+            const int64_t hi = lo + chunk < pairs ? lo + chunk : pairs;
+            for (int64_t p = lo; p < hi; p++) q8_pair(tcodes, tscales, 2 * p, k, xf, rows, acc, out, n);
+            free(acc);
+        }
+    }
+    free(xf);
+    return failed ? 2 : 0;
+#else
+    (void)x, (void)x_stride, (void)rows, (void)tcodes, (void)tscales, (void)n, (void)k, (void)out;
+    return 3;
+#endif
 }
