@@ -91,6 +91,15 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument(
         "--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step (chunked prefill)"
     )
+    p.add_argument(
+        "--chunk-attention-context",
+        type=int,
+        default=1024,
+        metavar="TOKENS",
+        help="while other requests are in the engine, a prompt's chunk attends to at most max-num-batched-tokens x "
+        "TOKENS (query, key) pairs a step, so a long prompt's late chunks do not hold every other request's next "
+        "token for seconds; 0: no cap",
+    )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="memory for the paged KV cache")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
@@ -333,6 +342,7 @@ def _begin_engine(args: argparse.Namespace, quiet: threading.Event) -> _EngineLo
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        chunk_attention_context=args.chunk_attention_context,
         block_size=args.block_size,
         kv_cache_gib=args.kv_cache_gib,
         num_threads=args.threads,

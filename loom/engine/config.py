@@ -21,6 +21,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's own context length
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    chunk_attention_context: int = 1024  # beside other requests, a prefill chunk's (query, key) pairs <= budget x this
     block_size: int = 16
     kv_cache_gib: float = 1.0
     num_threads: int | None = None  # None = every core

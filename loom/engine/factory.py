@@ -76,7 +76,11 @@ def begin_engine(
             )
         kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         sched_cfg = SchedulerConfig(
-            config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.scheduling_policy
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            max_model_len,
+            config.scheduling_policy,
+            config.chunk_attention_context,
         )
         keep_freed_memory()  # after loading: the loader's one-off buffers are unmapped as before
         runner = ModelRunner(model, num_blocks, config.block_size, config.torch_dtype)

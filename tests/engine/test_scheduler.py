@@ -13,7 +13,7 @@ import pytest
 from loom.engine.kv_cache import KVCacheManager
 from loom.engine.request import EngineRequest, Request, RequestStatus
 from loom.engine.sampling_params import SamplingParams
-from loom.engine.scheduler import CoreOutput, Scheduler, SchedulerConfig, SchedulerOutput
+from loom.engine.scheduler import MIN_CAPPED_CHUNK, CoreOutput, Scheduler, SchedulerConfig, SchedulerOutput
 
 EOS = 2
 TOKEN = 100  # an ordinary token: never EOS, never a stop id
@@ -321,3 +321,44 @@ def test_abort_of_unknown_or_finished_request_is_a_no_op(req_id: str) -> None:
     sched = make_scheduler()
     run_to_finish(sched, make_request("done", max_tokens=1), [TOKEN])
     assert sched.abort(req_id) is None
+
+
+# --- a long prompt's chunks beside other requests ----------------------------------------------
+
+
+def _capped_scheduler() -> Scheduler:
+    """A 64-token budget whose chunks beside others attend to at most 64 x 32 (query, key) pairs."""
+    return Scheduler(SchedulerConfig(64, 64, 8192, chunk_attention_context=32), KVCacheManager(4096, BLOCK_SIZE))
+
+
+def test_a_long_prompts_chunks_shrink_beside_other_requests_to_bound_their_attention() -> None:
+    sched = _capped_scheduler()
+    sched.add(make_request("short", 4, max_tokens=1000))
+    step(sched)  # "short" decodes from here on
+    long = make_request("long", 2000, max_tokens=1)
+    sched.add(long)
+    chunks = []
+    while long.num_computed_tokens < 2000:
+        computed = long.num_computed_tokens
+        got = scheduled(step(sched)[0])
+        assert got["short"] == 1  # the decode row is never held back
+        chunk = got["long"]
+        chunks.append(chunk)
+        assert chunk * (computed + chunk) <= 64 * 32 or chunk == min(MIN_CAPPED_CHUNK, 2000 - computed)
+    assert chunks[0] == 45  # the largest c with c * c <= 2048 (the budget left was 63)
+    assert chunks[-2] == MIN_CAPPED_CHUNK  # late chunks stop shrinking there, so the prompt still ends
+    assert sum(chunks) == 2000
+
+
+def test_a_long_prompt_alone_takes_whole_chunks() -> None:
+    sched = _capped_scheduler()
+    sched.add(make_request("long", 2000, max_tokens=1))
+    assert [scheduled(step(sched)[0])["long"] for _ in range(5)] == [64] * 5
+
+
+def test_no_cap_when_the_context_limit_is_zero() -> None:
+    sched = Scheduler(SchedulerConfig(64, 64, 8192, chunk_attention_context=0), KVCacheManager(4096, BLOCK_SIZE))
+    sched.add(make_request("short", 4, max_tokens=1000))
+    step(sched)
+    sched.add(make_request("long", 2000, max_tokens=1))
+    assert [scheduled(step(sched)[0])["long"] for _ in range(5)] == [63] * 5
