@@ -77,6 +77,9 @@ class AttentionMetadata:
     num_decode_tokens: int
     decode: DecodeBlocks | DecodeGather | None  # None without decode tokens
     prefill_spans: tuple[PrefillSpan, ...]
+    # the leading prefill tokens that are output, not prompt: tokens a grammar forced after a
+    # sampled one (the runner lists those chunks first); they may take the small-batch kernels
+    num_output_chunk_tokens: int = 0
 
 
 def paged_attention(

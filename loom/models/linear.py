@@ -19,12 +19,14 @@ with native bf16 but no AMX, bf16 GEMMs are slower than float32 ones once comput
 512-token prefill chunk) while bf16 still wins at one row (5.5 vs 8.8 ms). So a
 `RowSwitchLinear` holds a small-batch kernel and a large-batch one and takes, per call, how many
 leading rows go to the small-batch kernel: the model passes its decode rows when a step has at
-most `max_small_batch_rows` of them (`measure_small_batch_rows`, timed at build), else none; prefill rows always take the large-batch kernel.
+most `max_small_batch_rows` of them (`measure_small_batch_rows`, timed at build), else none; so do the
+output tokens a grammar forced (chunks after the decode rows) when decode and forced rows together
+fit; prompt rows always take the large-batch kernel.
 Both hold exactly the same weight values (a quantized method's dense copy is its dequantized
 codes; a float32 copy of bf16 is exact), and both give each row the same bits whatever the other
 rows are (oneDNN-packed dense, PyTorch's weight-only kernels; MKL's `F.linear` does not: one row
 goes through gemv), so a request's tokens depend on the batch it shares a step with only through
-the decode-row count crossing `max_small_batch_rows`. One exception: an output head stored as
+the decode-row count (with forced output rows, that count plus theirs) crossing `max_small_batch_rows`. One exception: an output head stored as
 Q8_0 blocks in a GGUF file (`with_q8_blocks`) multiplies few rows by the file's own values in
 float32, many rows by their bf16 rounding.
 

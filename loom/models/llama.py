@@ -252,9 +252,19 @@ class LlamaModel(nn.Module):
         )
         prefill_meta = AttentionMetadata(meta.slot_mapping[nd:], meta.block_size, 0, None, spans)
         rest, rest_cos_sin = hidden[nd:], (cos[nd:], sin[nd:])
+        num_small = self._num_small_rows(meta) - nd
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            rest = layer(rest, self.rope, rest_cos_sin, kv, prefill_meta, 0, self.native_ops)
+            rest = layer(rest, self.rope, rest_cos_sin, kv, prefill_meta, num_small, self.native_ops)
         return torch.cat([decoded, rest])
+
+    def _num_small_rows(self, meta: AttentionMetadata) -> int:
+        """The step's leading rows that take the small-batch kernels: its decode rows when they are at
+        most `max_small_batch_rows`, and the output chunks after them when those fit too (prompt
+        rows never do, so a prompt's KV does not rest on the step it was computed in)."""
+        nd, most = meta.num_decode_tokens, self.max_small_batch_rows
+        if nd + meta.num_output_chunk_tokens <= most:
+            return nd + meta.num_output_chunk_tokens
+        return nd if nd <= most else 0
 
     def _head(
         self, cfg: ModelConfig, weights: PreparedWeights | None, dtype: torch.dtype, float32_copy: bool
@@ -280,7 +290,7 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:  # [R, vocab] in float32
         hidden = self.embed_tokens(input_ids)
         cos_sin = self.rope.tables(positions)
-        nq = meta.num_decode_tokens if meta.num_decode_tokens <= self.max_small_batch_rows else 0
+        nq = self._num_small_rows(meta)
         fused = self._fused_decode(hidden, cos_sin, kv_caches, meta)
         if fused is not None:
             hidden = fused
