@@ -71,10 +71,12 @@ class ModelRunner:
 
     def prepare(self, sched: SchedulerOutput) -> ModelInput:
         decodes = [req for req, n in sched.scheduled if n == 1]
-        # chunks of output (a grammar's forced tokens) before prompt chunks: the model may give them
-        # the small-batch kernels, as it gives decode rows
-        prefills = sorted(((req, n) for req, n in sched.scheduled if n > 1), key=lambda rn: not _is_output(rn[0]))
-        num_output_chunk_tokens = sum(n for req, n in prefills if _is_output(req))
+        # chunks of output (a grammar's forced tokens: past the prompt) before prompt chunks: the
+        # model may give them the small-batch kernels, as it gives decode rows
+        outputs = [(req, n) for req, n in sched.scheduled if n > 1 and req.num_computed_tokens >= req.num_prompt_tokens]
+        prompts = [(req, n) for req, n in sched.scheduled if n > 1 and req.num_computed_tokens < req.num_prompt_tokens]
+        prefills = outputs + prompts
+        num_output_chunk_tokens = sum(n for _, n in outputs)
         ids: list[int] = [req.token_at(req.num_computed_tokens) for req in decodes]
         positions: list[int] = [req.num_computed_tokens for req in decodes]
         slots: list[int] = [self._slot(req, req.num_computed_tokens) for req in decodes]
@@ -176,11 +178,6 @@ def _record_prompt_logprobs(logits: torch.Tensor, spans: tuple[PromptLogprobSpan
         assert span.req.prompt_logprobs is not None and len(span.req.prompt_logprobs) == span.first
         span.req.prompt_logprobs.extend(records[offset : offset + span.num])
         offset += span.num
-
-
-def _is_output(req: Request) -> bool:
-    """Whether the request's next uncomputed token is past its prompt (forced output, not a prompt chunk)."""
-    return req.num_computed_tokens >= req.num_prompt_tokens
 
 
 def _padded(block_ids: list[int], length: int) -> list[int]:

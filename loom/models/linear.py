@@ -252,19 +252,22 @@ class Q8Linear(nn.Module):
     scales: torch.Tensor
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        """`codes` `[out, in]` int8 and `scales` `[out, in / 32]` float16, kept in the layout of the
+        kernel that runs here: the tiled one's (`native.q8_tiles`, a copy) or as given."""
         super().__init__()
-        self.register_buffer("codes", _own_memory(codes), persistent=False)  # [out, in] int8
-        self.register_buffer("scales", _own_memory(scales), persistent=False)  # [out, in / 32] float16
         self.in_features, self.out_features = codes.shape[1], codes.shape[0]
-        tiled = native_q8_tiled_supported() and self.out_features % (2 * Q8_TILE_ROWS) == 0
-        self.tiles = q8_tiles(self.codes, self.scales) if tiled else None
-        self.kernel = "tiled" if tiled else "rows"  # part of the key its timed crossover is kept under
+        self._tiled = native_q8_tiled_supported() and self.out_features % (2 * Q8_TILE_ROWS) == 0
+        self.kernel = "tiled" if self._tiled else "rows"  # part of the key its timed crossover is kept under
+        if self._tiled:
+            codes, scales = q8_tiles(codes, scales)
+        self.register_buffer("codes", _own_memory(codes), persistent=False)
+        self.register_buffer("scales", _own_memory(scales), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:  # a step whose prefill chunk samples nothing asks for no logits
             return torch.empty(0, self.out_features, dtype=torch.float32)
-        if self.tiles is not None and x.stride(-1) == 1:
-            return q8_tiled_matmul(x, *self.tiles)
+        if self._tiled:
+            return q8_tiled_matmul(x, self.codes, self.scales)
         parts = [
             q8_0_matmul(x[i : i + Q8_MAX_ROWS], self.codes, self.scales) for i in range(0, x.shape[0], Q8_MAX_ROWS)
         ]

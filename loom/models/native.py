@@ -101,7 +101,7 @@ SOURCES = (
     CSRC / "paged_decode.c", CSRC / "layer_ops.c", CSRC / "q8_matmul.c", CSRC / "int4_matmul.c", CSRC / "decode_layers.c",
     CSRC / "top_p.c", CSRC / "vexp.c", CSRC / "logprob_ranks.c", CSRC / "prefill_attention.c",
 )  # fmt: skip
-HEADERS = (CSRC / "bf16.h", CSRC / "int4_matmul.h", CSRC / "vexp.h")
+HEADERS = (CSRC / "bf16.h", CSRC / "fma_tiles.h", CSRC / "int4_matmul.h", CSRC / "vexp.h")
 FLAGS = (
     "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared",
     # vectorized sums: reassociation only, no -ffast-math (gcc 12 links crtfastmath.o even into a
@@ -294,20 +294,17 @@ def int4_matmul(x: torch.Tensor, tcodes: torch.Tensor, tscales: torch.Tensor, tz
     return out
 
 
-def choose_int4_kernel() -> bool:
-    """Whether the int4 kernel multiplies in float32 FMAs rather than bf16 dot instructions on this
-    CPU; sets it for the process. Timed once per machine (`timing.measured`) where the build has both.
+def choose_int4_kernel() -> None:
+    """Sets, for the process, whether the int4 kernel multiplies in float32 FMAs or bf16 dot
+    instructions on this CPU. Timed once per machine (`timing.measured`) where the build has both.
 
     Neither wins everywhere: an Intel AVX512-BF16 guest without AMX runs the dot at half the FMA's
     rate (SmolLM2's 120 linears at 8 rows: 8.4 vs 15.2 ms, at 32 rows 32.5 vs 60.8; load 0.3-0.9),
     where an AMD Zen 4 runs it at twice the rate.
     """
     lib = _library()
-    if lib is None or not lib.loom_int4_has_dot():
-        return lib is not None
-    use_fma = measured("int4 kernel: float32 FMAs beat bf16 dots at 8 rows", _time_int4_fma)
-    lib.loom_int4_use_fma(int(use_fma))
-    return use_fma
+    if lib is not None and lib.loom_int4_has_dot():
+        lib.loom_int4_use_fma(int(measured("int4 kernel: float32 FMAs beat bf16 dots at 8 rows", _time_int4_fma)))
 
 
 def _time_int4_fma() -> bool:

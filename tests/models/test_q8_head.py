@@ -29,15 +29,18 @@ def _blocks(rows: int, cols: int, seed: int) -> Q8Blocks:
     return Q8Blocks(codes, scales)
 
 
+def _assert_the_files_values_in_float32(got: torch.Tensor, x: torch.Tensor, blocks: Q8Blocks) -> None:
+    expected = x.double() @ blocks.dequantize().double().t()
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    scale = (x.double().abs() @ blocks.dequantize().double().abs().t()).clamp(min=1e-30)
+    assert float(((got.double() - expected).abs() / scale).max()) < 1e-6
+
+
 @pytest.mark.parametrize(("rows", "cols"), [(1, 576), (3, 64), (5, 32), (16, 1536)])
 def test_the_kernel_multiplies_by_the_files_values_in_float32(rows: int, cols: int) -> None:
     blocks = _blocks(301, cols, rows)
     x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
-    got = q8_0_matmul(x, blocks.codes, blocks.scales)
-    expected = x.double() @ blocks.dequantize().double().t()
-    assert got.dtype == torch.float32 and got.shape == (rows, 301)
-    scale = (x.double().abs() @ blocks.dequantize().double().abs().t()).clamp(min=1e-30)
-    assert float(((got.double() - expected).abs() / scale).max()) < 1e-6
+    _assert_the_files_values_in_float32(q8_0_matmul(x, blocks.codes, blocks.scales), x, blocks)
 
 
 def test_a_rows_result_does_not_depend_on_the_other_rows() -> None:
@@ -85,11 +88,7 @@ tiled_only = pytest.mark.skipif(not native_q8_tiled_supported(), reason="the til
 def test_the_tiled_kernel_multiplies_by_the_files_values_in_float32(rows: int, cols: int) -> None:
     blocks = _blocks(96, cols, rows)
     x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
-    got = q8_tiled_matmul(x, *q8_tiles(blocks.codes, blocks.scales))
-    expected = x.double() @ blocks.dequantize().double().t()
-    assert got.dtype == torch.float32 and got.shape == (rows, 96)
-    scale = (x.double().abs() @ blocks.dequantize().double().abs().t()).clamp(min=1e-30)
-    assert float(((got.double() - expected).abs() / scale).max()) < 1e-6
+    _assert_the_files_values_in_float32(q8_tiled_matmul(x, *q8_tiles(blocks.codes, blocks.scales)), x, blocks)
 
 
 @tiled_only

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "fma_tiles.h"
 #include "int4_matmul.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -187,26 +188,6 @@ static inline __attribute__((always_inline)) void int4_tile(const Int4Weight *w,
 }
 #endif
 
-/* Constant tiles keep the accumulators in registers. */
-#define TILES_UP_TO_4(CALL, TILE)                                                                          \
-    switch (TILE) {                                                                                        \
-    case 1: CALL(1); break;                                                                                \
-    case 2: CALL(2); break;                                                                                \
-    case 3: CALL(3); break;                                                                                \
-    default: CALL(4); break;                                                                               \
-    }
-#define TILES_UP_TO_8(CALL, TILE)                                                                          \
-    switch (TILE) {                                                                                        \
-    case 1: CALL(1); break;                                                                                \
-    case 2: CALL(2); break;                                                                                \
-    case 3: CALL(3); break;                                                                                \
-    case 4: CALL(4); break;                                                                                \
-    case 5: CALL(5); break;                                                                                \
-    case 6: CALL(6); break;                                                                                \
-    case 7: CALL(7); break;                                                                                \
-    default: CALL(8); break;                                                                               \
-    }
-
 #ifdef __AVX512F__
 /* Many rows (float32 FMAs): two tiles (32 output rows) at a time, each block's codes turned into
    floats once, into L1, for every activation row; then 8 activation rows at a time against both
@@ -219,16 +200,8 @@ static inline __attribute__((always_inline)) void int4_pair_rows(const float wf[
                                                                  int64_t k, int64_t b, __m512 scale[2],
                                                                  __m512 zero[2], const float *sums, int64_t nb,
                                                                  int64_t tile, float *acc) {
-    __m512 part[INT4_FMA_TILE][2];
-    for (int64_t r = 0; r < tile; r++) part[r][0] = part[r][1] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < 32; j++) {
-        const __m512 w0 = _mm512_load_ps(wf[0][j]), w1 = _mm512_load_ps(wf[1][j]);
-        for (int64_t r = 0; r < tile; r++) {
-            const __m512 x = _mm512_set1_ps(xf[r * k + 32 * b + j]);
-            part[r][0] = _mm512_fmadd_ps(w0, x, part[r][0]);
-            part[r][1] = _mm512_fmadd_ps(w1, x, part[r][1]);
-        }
-    }
+    __m512 part[PAIR_ROWS][2];
+    pair_block(wf, xf, k, b, tile, part);
     for (int64_t r = 0; r < tile; r++) {
         const __m512 s = _mm512_set1_ps(sums[r * nb + b]);
         for (int h = 0; h < 2; h++) {
@@ -259,8 +232,8 @@ static void int4_pair_fma(const Int4Weight *w, int64_t t, const float *xf, const
             scale[h] = bf16x16_to_f32(w->scales + (t + h) * nb * 16 + 16 * b);
             zero[h] = bf16x16_to_f32(w->zeros + (t + h) * nb * 16 + 16 * b);
         }
-        for (int64_t r0 = 0; r0 < rows; r0 += INT4_FMA_TILE) {
-            const int64_t tile = rows - r0 < INT4_FMA_TILE ? rows - r0 : INT4_FMA_TILE;
+        for (int64_t r0 = 0; r0 < rows; r0 += PAIR_ROWS) {
+            const int64_t tile = rows - r0 < PAIR_ROWS ? rows - r0 : PAIR_ROWS;
 #define PAIR(T) int4_pair_rows(wf, xf + r0 * k, k, b, scale, zero, sums + r0 * nb, nb, T, acc + r0 * 32)
             TILES_UP_TO_8(PAIR, tile)
 #undef PAIR
@@ -275,21 +248,30 @@ void int4_rows(const Int4Weight *w, const float *xf, const uint16_t *xb, int64_t
                int64_t rows, int64_t t_begin, int64_t t_end, float *out, int64_t out_stride) {
     const int64_t nb = w->k / 32;
 #if defined(__AVX512BF16__)
-    const int64_t step = int4_use_fma ? INT4_FMA_TILE : INT4_TILE;
+    const int fma = int4_use_fma;
 #elif defined(__AVX512F__)
-    const int64_t step = INT4_FMA_TILE;
+    const int fma = 1;
     (void)xb, (void)xb_stride;
 #else
-    const int64_t step = INT4_TILE;
     (void)xb, (void)xb_stride;
 #endif
     for (int64_t t = t_begin; t < t_end; t++) {
+#if defined(__AVX512F__)
+        if (fma && rows >= INT4_PAIR_MIN_ROWS && t + 1 < t_end) { /* this tile and the next, every row */
+            int4_pair_fma(w, t, xf, sums, rows, out, out_stride);
+            t++;
+            continue;
+        }
+        const int64_t step = fma ? INT4_FMA_TILE : INT4_TILE;
+#else
+        const int64_t step = INT4_TILE;
+#endif
         for (int64_t r0 = 0; r0 < rows; r0 += step) {
             const int64_t tile = rows - r0 < step ? rows - r0 : step;
             const float *x = xf + r0 * w->k, *sx = sums + r0 * nb;
             float *o = out + r0 * out_stride;
 #if defined(__AVX512BF16__)
-            if (!int4_use_fma) {
+            if (!fma) {
                 const uint16_t *x16 = xb + r0 * xb_stride;
 #define DOT(T) int4_tile_dot(w, t, x16, xb_stride, sx, T, o, out_stride)
                 TILES_UP_TO_4(DOT, tile)
@@ -298,11 +280,6 @@ void int4_rows(const Int4Weight *w, const float *xf, const uint16_t *xb, int64_t
             }
 #endif
 #if defined(__AVX512F__)
-            if (rows >= INT4_PAIR_MIN_ROWS && t + 1 < t_end) { /* both tiles, every row */
-                int4_pair_fma(w, t, xf, sums, rows, out, out_stride);
-                t++;
-                break;
-            }
 #define FMA(T) int4_tile_fma(w, t, x, sx, T, o, out_stride)
             TILES_UP_TO_8(FMA, tile)
 #undef FMA

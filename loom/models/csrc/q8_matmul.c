@@ -12,6 +12,7 @@
 #include <omp.h>
 
 #include "bf16.h"
+#include "fma_tiles.h"
 
 #if defined(__AVX512F__) || defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -128,20 +129,10 @@ int loom_q8_0_matmul(const uint16_t *x, int64_t x_stride, int64_t rows, const in
    compute-bound; the per-row kernel above turns codes into floats again for every 4 rows.
    tcodes: [n / 16, k, 16] int8 (tile, input, lane); tscales: [n / 16, k / 32, 16] float32. */
 #ifdef __AVX512F__
-#define Q8_PAIR_ROWS 8
-
 static inline __attribute__((always_inline)) void q8_pair_rows(const float wf[2][32][16], const float *xf, int64_t k,
                                                                int64_t b, int64_t tile, float *acc) {
-    __m512 part[Q8_PAIR_ROWS][2];
-    for (int64_t r = 0; r < tile; r++) part[r][0] = part[r][1] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < 32; j++) {
-        const __m512 w0 = _mm512_load_ps(wf[0][j]), w1 = _mm512_load_ps(wf[1][j]);
-        for (int64_t r = 0; r < tile; r++) {
-            const __m512 x = _mm512_set1_ps(xf[r * k + 32 * b + j]);
-            part[r][0] = _mm512_fmadd_ps(w0, x, part[r][0]);
-            part[r][1] = _mm512_fmadd_ps(w1, x, part[r][1]);
-        }
-    }
+    __m512 part[PAIR_ROWS][2];
+    pair_block(wf, xf, k, b, tile, part);
     for (int64_t r = 0; r < tile; r++)
         for (int h = 0; h < 2; h++)
             _mm512_store_ps(acc + (2 * r + h) * 16, _mm512_add_ps(_mm512_load_ps(acc + (2 * r + h) * 16), part[r][h]));
@@ -161,19 +152,11 @@ static void q8_pair(const int8_t *tcodes, const float *tscales, int64_t t, int64
                 _mm512_store_ps(wf[h][j], _mm512_mul_ps(_mm512_cvtepi32_ps(codes), scale));
             }
         }
-        for (int64_t r0 = 0; r0 < rows; r0 += Q8_PAIR_ROWS) {
-            const float *x = xf + r0 * k;
-            float *a = acc + r0 * 32;
-            switch (rows - r0 < Q8_PAIR_ROWS ? rows - r0 : Q8_PAIR_ROWS) { /* constant tiles stay in registers */
-            case 1: q8_pair_rows(wf, x, k, b, 1, a); break;
-            case 2: q8_pair_rows(wf, x, k, b, 2, a); break;
-            case 3: q8_pair_rows(wf, x, k, b, 3, a); break;
-            case 4: q8_pair_rows(wf, x, k, b, 4, a); break;
-            case 5: q8_pair_rows(wf, x, k, b, 5, a); break;
-            case 6: q8_pair_rows(wf, x, k, b, 6, a); break;
-            case 7: q8_pair_rows(wf, x, k, b, 7, a); break;
-            default: q8_pair_rows(wf, x, k, b, Q8_PAIR_ROWS, a); break;
-            }
+        for (int64_t r0 = 0; r0 < rows; r0 += PAIR_ROWS) {
+            const int64_t tile = rows - r0 < PAIR_ROWS ? rows - r0 : PAIR_ROWS;
+#define PAIR(T) q8_pair_rows(wf, xf + r0 * k, k, b, T, acc + r0 * 32)
+            TILES_UP_TO_8(PAIR, tile)
+#undef PAIR
         }
     }
     for (int64_t r = 0; r < rows; r++)
